@@ -1,0 +1,1 @@
+"""Device side: verify a bundle, pick a runtime, serve KServe v2 gRPC, report telemetry."""

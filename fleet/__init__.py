@@ -1,0 +1,1 @@
+"""Host side: watch a fleet of agents through an MQTT broker."""
