@@ -133,12 +133,16 @@ def make_classifier_bundle(
     (bundle_dir / "selftest").mkdir(parents=True)
     write_classifier_onnx(bundle_dir / "model.onnx", seed)
 
+    x = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
     artifacts = [_artifact("model.onnx")]
     if broken_first:
-        write_classifier_onnx(bundle_dir / "model.broken.onnx", seed + 100)
+        # Other weights whose top-1 class for the self-test input differs, too.
+        broken_seed = seed + 100
+        while classifier_reference(x, broken_seed).argmax() == classifier_reference(x, seed).argmax():
+            broken_seed += 1
+        write_classifier_onnx(bundle_dir / "model.broken.onnx", broken_seed)
         artifacts.insert(0, _artifact("model.broken.onnx", "int8"))
 
-    x = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
     np.savez(bundle_dir / "selftest/inputs.npz", x=x)
     np.savez(bundle_dir / "selftest/expected.npz", probs=classifier_reference(x, seed))
     (bundle_dir / "labels.txt").write_text("cat\ndog\nbird\n", encoding="utf-8")
