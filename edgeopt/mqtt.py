@@ -64,7 +64,7 @@ def parse_device_topic(topic: str) -> tuple[str, str, str] | None:
 
 @dataclass(frozen=True)
 class BrokerURL:
-    """Where the broker listens: ``mqtt://[user:pass@]host:port`` or ``mqtts://`` for TLS."""
+    """Broker address from ``mqtt://[user:pass@]host:port``, or ``mqtts://`` for TLS."""
 
     host: str
     port: int
@@ -226,8 +226,8 @@ class MqttSession:
             return {}
         options: dict[str, Any] = {"clean_start": self.clean_start}
         if self.session_expiry_s:
-            # MQTT v5 ends a session when the connection closes unless the client asks the
-            # broker to keep it; a kept session receives QoS 1 messages while it is offline.
+            # MQTT v5 ends a session when the connection closes unless the client sets a session
+            # expiry. A kept session receives QoS 1 messages while it is offline.
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = self.session_expiry_s
             options["properties"] = properties
@@ -269,7 +269,7 @@ class MqttSession:
         self._attempt += 1
         self._tcp_failed = False
         if self.protocol == paho.MQTTv5:
-            # Some MQTT 3.1.1 brokers (amqtt 0.12, for one) neither answer nor close the
+            # Some MQTT 3.1.1 brokers (amqtt 0.12, for one) neither reply nor close the
             # connection on a v5 CONNECT that carries a Last Will, so a missing CONNACK means
             # the same as a rejected protocol version.
             timer = threading.Timer(self.connack_timeout_s, self._check_connack, args=(client, self._attempt))
