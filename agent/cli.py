@@ -61,7 +61,15 @@ def agent() -> None:
 @click.option("--max-queue", type=int, default=32, show_default=True, callback=_positive, help="Requests per model that may wait for a run before RESOURCE_EXHAUSTED.")
 @click.option("--max-message-mb", type=int, default=64, show_default=True, callback=_positive, help="Largest gRPC request or response, in MiB.")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds in-flight requests get to finish after SIGTERM.")
-def run(bundles, repository, listen, force, cache_dir, max_concurrency, intra_op_threads, max_queue, max_message_mb, grace) -> None:
+# MQTT telemetry options (agent/telemetry.py).
+@click.option("--broker", help="Report telemetry to this MQTT broker: mqtt://[user:pass@]host:port or mqtts://host:port.")
+@click.option("--fleet", default="default", show_default=True, help="Fleet name, the topic level above the device id.")
+@click.option("--device-id", help="Device id in topics and payloads [default: hostname plus a hash of /etc/machine-id].")
+@click.option("--metrics-interval", type=float, default=5.0, show_default=True, help="Seconds between metrics messages.")
+@click.option("--ca", type=click.Path(dir_okay=False, path_type=Path), help="CA certificate (PEM) for an mqtts:// broker.")
+@click.option("--cert", type=click.Path(dir_okay=False, path_type=Path), help="Client certificate (PEM) for an mqtts:// broker.")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Client private key (PEM) for an mqtts:// broker.")
+def run(bundles, repository, listen, force, cache_dir, max_concurrency, intra_op_threads, max_queue, max_message_mb, grace, broker, fleet, device_id, metrics_interval, ca, cert, key) -> None:
     """Verify bundles, select a runtime for each and serve KServe v2 gRPC until SIGTERM."""
     if not bundles and repository is None:
         raise InputError("no bundle to serve: pass --bundle PATH (repeatable) or --repository DIR")
@@ -70,6 +78,15 @@ def run(bundles, repository, listen, force, cache_dir, max_concurrency, intra_op
             raise InputError(f"bundle {path} not found: pass a bundle directory or .tar file")
     if repository is not None and not repository.is_dir():
         raise InputError(f"repository {repository} is not a directory")
+
+    telemetry_config = None
+    if broker:
+        from edgeopt.agent.telemetry import config_from_options
+
+        try:
+            telemetry_config = config_from_options(broker, fleet, device_id, metrics_interval, ca, cert, key)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
 
     started = time.perf_counter()
     dataplane_config = DataPlaneConfig(
@@ -95,9 +112,21 @@ def run(bundles, repository, listen, force, cache_dir, max_concurrency, intra_op
     click.echo(f"edgeopt agent listening on {host}:{server.port} (ready in {time.perf_counter() - started:.2f} s)")
     sys.stdout.flush()
 
+    reporter = None
+    if telemetry_config is not None:
+        from edgeopt.agent.telemetry import start_agent_telemetry
+
+        reporter = start_agent_telemetry(telemetry_config, dataplane)
+        click.echo(f"reporting to {telemetry_config.broker} as {telemetry_config.fleet}/{telemetry_config.device_id}")
+        sys.stdout.flush()
+
     # A timed wait keeps the main thread responsive to SIGTERM and SIGINT.
-    while not server.wait(timeout=0.5):
-        pass
+    try:
+        while not server.wait(timeout=0.5):
+            pass
+    finally:
+        if reporter is not None:
+            reporter.stop()
 
 
 @agent.command()

@@ -365,3 +365,64 @@ class TelemetryReporter:
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
+
+
+# Agent command-line wiring ---------------------------------------------------------------------------
+
+
+def config_from_options(
+    broker: str,
+    fleet: str,
+    device_id: str | None,
+    metrics_interval_s: float,
+    ca: Path | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+) -> TelemetryConfig:
+    """Build the reporter configuration from ``edgeopt agent run`` options; bad input raises ValueError."""
+    from edgeopt.mqtt import parse_broker_url
+
+    url = parse_broker_url(broker)
+    tls = TlsFiles(ca=ca, cert=cert, key=key) if (ca or cert or key) else None
+    if tls is not None and not url.tls:
+        raise ValueError(f"--ca, --cert and --key need an mqtts:// broker URL, not {url}")
+    options: dict[str, Any] = {"broker": url, "fleet": fleet, "metrics_interval_s": metrics_interval_s, "tls": tls}
+    if device_id:
+        options["device_id"] = device_id
+    return TelemetryConfig(**options)
+
+
+def start_agent_telemetry(config: TelemetryConfig, dataplane: Any) -> TelemetryReporter:
+    """Start reporting for a running data plane and announce its loaded models as events.
+
+    The device profile is the one the loaded bundles were built for, else the profile that
+    matches this host; its power sensor is opened with the estimate as the fallback.
+    """
+    from edgeopt.devices.power import open_power_sensor
+    from edgeopt.devices.probe import detect_profile
+    from edgeopt.devices.profiles import ProfileError, load_profile
+
+    models = dataplane.models()
+    profile = None
+    if models:
+        try:
+            profile = load_profile(models[0]["device"])
+        except ProfileError as exc:
+            log.warning("bundle device %r has no profile here (%s); detecting the host", models[0]["device"], exc)
+    profile = profile or detect_profile()
+    power = open_power_sensor(profile) if profile is not None else None
+
+    reporter = TelemetryReporter(config, dataplane.stats, models=dataplane.models, profile=profile, power=power)
+    reporter.start()
+    for model in models:
+        loaded = dataplane.get(model["name"], model["version"])
+        skipped = [attempt for attempt in loaded.selection.attempts if not attempt.selected]
+        if skipped:
+            reporter.publish_event(
+                "runtime_fallback",
+                model=model["name"],
+                message=f"using {model['runtime']} after {len(skipped)} candidates were skipped",
+                skipped=[attempt.describe() for attempt in skipped],
+            )
+        reporter.publish_event("model_loaded", model=model["name"], message=f"version {model['version']} on {model['runtime']}", **model)
+    return reporter
