@@ -36,6 +36,8 @@ def board_concurrency(cpu_count: int) -> tuple[int, int]:
 
     One run on all cores gives the lowest latency; boards with more cores split them into
     up to four parallel runs for throughput, keeping at least two threads per run.
+    NOTE: a rule of thumb for CPU execution providers, not measured per board; override it
+    with --max-concurrency and --intra-op-threads after measuring.
     """
     runs = max(1, min(4, cpu_count // 2))
     return runs, max(1, cpu_count // runs)
