@@ -54,6 +54,7 @@ class QdqExport:
     quantize_nodes: int
     dequantize_nodes: int
     op_counts: dict[str, int]
+    int8_weights: int  # weights stored as int8 initializers instead of float plus QuantizeLinear
 
 
 def qat_qconfig_mapping(per_channel_weights: bool = True):
@@ -162,6 +163,8 @@ def export_qdq_onnx(
             dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None,
         )
         graph = onnx.load(str(temporary))
+        folded = fold_weight_quantization(graph)
+        onnx.save(graph, str(temporary))
         op_counts = Counter(node.op_type for node in graph.graph.node)
         if op_counts["QuantizeLinear"] == 0:
             raise QatError("the exported graph has no QuantizeLinear nodes; the model was not fake-quantized")
@@ -173,8 +176,56 @@ def export_qdq_onnx(
     finally:
         temporary.unlink(missing_ok=True)
 
-    log.info("wrote QDQ ONNX %s: %d QuantizeLinear, %d DequantizeLinear", path, op_counts["QuantizeLinear"], op_counts["DequantizeLinear"])
-    return QdqExport(path, op_counts["QuantizeLinear"], op_counts["DequantizeLinear"], dict(op_counts))
+    log.info(
+        "wrote QDQ ONNX %s: %d QuantizeLinear, %d DequantizeLinear, %d int8 weights stored",
+        path, op_counts["QuantizeLinear"], op_counts["DequantizeLinear"], folded,
+    )
+    return QdqExport(path, op_counts["QuantizeLinear"], op_counts["DequantizeLinear"], dict(op_counts), folded)
+
+
+def fold_weight_quantization(model) -> int:
+    """Store each quantized weight as an int8 initializer in place of float weight + QuantizeLinear.
+
+    The exporter writes ``float weight -> QuantizeLinear -> DequantizeLinear``, which keeps the
+    float weights in the file. Running each weight's QuantizeLinear once (with ONNX's reference
+    evaluator, so rounding and saturation follow the ONNX spec) leaves the same
+    ``DequantizeLinear`` input as ONNX Runtime PTQ writes, at a quarter of the weight bytes.
+    Returns the number of weights folded.
+    """
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    consumers = Counter(name for node in graph.node for name in node.input)
+    folded = 0
+
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or not all(name in initializers for name in node.input):
+            continue
+        evaluator = ReferenceEvaluator(
+            helper.make_model(
+                helper.make_graph(
+                    [node],
+                    "fold",
+                    [],
+                    [helper.make_tensor_value_info(node.output[0], 0, None)],
+                    [initializers[name] for name in node.input],
+                ),
+                opset_imports=list(model.opset_import),
+            )
+        )
+        (quantized,) = evaluator.run(None, {})
+        quantized_name = node.output[0]
+        graph.initializer.append(numpy_helper.from_array(quantized, quantized_name))
+        graph.node.remove(node)
+        folded += 1
+
+        weight_name = node.input[0]
+        consumers[weight_name] -= 1
+        if consumers[weight_name] == 0:
+            graph.initializer.remove(initializers.pop(weight_name))
+    return folded
 
 
 def _count_fake_quant(model: nn.Module) -> int:
