@@ -1,0 +1,107 @@
+"""Markdown build report: every candidate with size, fidelity, host latency and the decision."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeopt.builder.pipeline import BuildContext, CandidateResult
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.2f}"
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def candidate_rows(candidates: list["CandidateResult"], winner_id: str | None, fp32_p50: float | None) -> list[str]:
+    rows = [
+        "| candidate | precision | size MiB | top-1 agreement | mean KL | cosine | accuracy | drop | gate | host p50 ms | host p99 ms | speed vs fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for c in candidates:
+        f = c.fidelity
+        latency = c.latency
+        speed = f"{fp32_p50 / latency.p50_ms:.2f}x" if latency and fp32_p50 else "–"
+        gate = "pass" if c.passed else "**fail**"
+        name = f"**{c.id}** (winner)" if c.id == winner_id else c.id
+        rows.append(
+            f"| {name} | {c.precision} | {_mib(c.size)} | {_fmt(f.top1_agreement)} | {_fmt(f.mean_kl, 5)} | {_fmt(f.cosine, 5)} | "
+            f"{_fmt(f.accuracy)} | {f.drop:.4f} | {gate} | {_fmt(latency.p50_ms if latency else None, 2)} | "
+            f"{_fmt(latency.p99_ms if latency else None, 2)} | {speed} |"
+        )
+    return rows
+
+
+def render_report(context: "BuildContext") -> str:
+    """Return the report text for a finished build (winner chosen, artifacts listed)."""
+    fp32 = next((c for c in context.candidates if c.id == "fp32"), None)
+    fp32_p50 = fp32.latency.p50_ms if fp32 and fp32.latency else None
+
+    lines = [
+        f"# edgeopt build report: {context.name} for {context.profile.id}",
+        "",
+        f"- Device profile: **{context.profile.id}** ({context.profile.name})",
+        f"- Source model: `{context.source.spec.raw}` (sha256 `{context.source.sha256[:16]}…`)",
+        f"- Calibration data: {context.calibration.source}, {len(context.calibration)} samples",
+        f"- Evaluation data: {context.evaluation.source}, {len(context.evaluation)} samples"
+        + (", with labels" if context.evaluation.labels is not None else ", no labels (fidelity against the FP32 source only)"),
+        f"- Fidelity gate: drop of at most {context.gate.max_drop:.4f} in {context.gate_metric_label} against the FP32 source",
+        f"- Host latency: {context.latency_method}",
+        "",
+        "## Candidates",
+        "",
+        *candidate_rows(context.candidates, context.winner.id if context.winner else None, fp32_p50),
+        "",
+    ]
+    if context.source_latency is not None:
+        lines.append(
+            f"Source model in PyTorch eager mode (FP32), same host and method: p50 {context.source_latency.p50_ms:.2f} ms, "
+            f"p99 {context.source_latency.p99_ms:.2f} ms."
+        )
+        lines.append("")
+
+    lines += ["## Decision", ""]
+    lines += [f"- {reason}" for reason in context.decision]
+    lines.append("")
+
+    failed = [c for c in context.candidates if not c.passed]
+    if failed:
+        lines += ["## Candidates that failed the gate (not shipped)", ""]
+        for c in failed:
+            lines.append(f"- `{c.id}`: drop {c.fidelity.drop:.4f} > {context.gate.max_drop:.4f}. " + " ".join(c.notes))
+        lines.append("")
+
+    lines += ["## Artifacts in the bundle", ""]
+    for artifact in context.artifacts:
+        host = "validated on this host" if artifact.validated_on_host else "**not validated on this host**"
+        lines.append(
+            f"- `{artifact.path}`: {artifact.format} {artifact.precision}, {_mib(artifact.size)} MiB, {host}; "
+            f"runtimes on {context.profile.id}: {', '.join(artifact.runtimes) or 'none'}"
+        )
+    lines.append("")
+
+    notes = list(context.profile.notes)
+    if not context.host_representative:
+        notes.append(
+            f"This build host ({context.host_description}) is not a {context.profile.id}: host latency ranks the candidates "
+            "relative to each other only and does not predict latency on the board."
+        )
+    if any(c.precision == "int8" for c in context.candidates):
+        notes.append(
+            "INT8 fidelity was measured with the ONNX Runtime CPU kernels of this host "
+            f"({context.host_description}); another CPU's or an accelerator's INT8 kernels can round differently."
+        )
+    if notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    return "\n".join(lines)
+
+
+def summary_lines(context: "BuildContext") -> list[str]:
+    """Return a few lines for the terminal: the winner and why."""
+    winner = context.winner
+    lines = [f"{context.profile.id}: shipped {winner.id} ({winner.precision}, {_mib(winner.size)} MiB)"]
+    lines += [f"  {reason}" for reason in context.decision]
+    return lines
