@@ -47,6 +47,7 @@ class DistillConfig:
     batch_size: int = 64
     patience: int = 5
     seed: int = 0
+    freeze_batchnorm: bool = False  # keep BatchNorm running statistics fixed, for small or narrow data
     device: str = "cpu"
     progress: bool = True
 
@@ -287,6 +288,10 @@ def _batch_loss(student, teacher, taps, x, y, config):
 
 def _train_epoch(student, teacher, taps, loader, optimizer, scheduler, config, device, progress, task, epoch) -> float:
     student.train()
+    if config.freeze_batchnorm:
+        for module in student.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     total, count = 0.0, 0
     for batch in loader:
         x = batch[0].to(device)

@@ -58,9 +58,11 @@ def plot_pareto(
     front = pareto_front(candidates)
     front_names = {c.name for c in front}
 
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    # Points are numbered and the names listed beside the plot, because candidates with nearly
+    # equal latency and score would otherwise print their names on top of each other.
+    figure, axes = plt.subplots(figsize=(9, 4.5), dpi=120)
     try:
-        for candidate in candidates:
+        for number, candidate in enumerate(candidates, start=1):
             on_front = candidate.name in front_names
             axes.scatter(
                 candidate.latency_ms,
@@ -68,22 +70,22 @@ def plot_pareto(
                 s=60 if on_front else 36,
                 color="tab:red" if on_front else "tab:gray",
                 zorder=3,
+                label=f"{number}: {candidate.name}" + (" (Pareto)" if on_front else ""),
             )
-            axes.annotate(candidate.name, (candidate.latency_ms, candidate.score), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            axes.annotate(str(number), (candidate.latency_ms, candidate.score), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axes.step(
             [c.latency_ms for c in front],
             [c.score for c in front],
             where="post",
             color="tab:red",
             linewidth=1.2,
-            label="Pareto front",
         )
         axes.set_xlabel(latency_label)
         axes.set_ylabel(score_label)
         if title:
             axes.set_title(title)
         axes.grid(True, alpha=0.3)
-        axes.legend(loc="lower right")
+        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
         figure.tight_layout()
 
         path.parent.mkdir(parents=True, exist_ok=True)

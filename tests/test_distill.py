@@ -155,3 +155,12 @@ def test_split_fixed_and_stratified(digits):
     np.testing.assert_array_equal(again["test"][1], digits["test"].y)
     assert [len(digits[name]) for name in ("train", "val", "test")] == [1077, 360, 360]
     assert np.bincount(digits["test"].y).min() >= 35
+
+
+def test_freeze_batchnorm_keeps_statistics(teacher, digits):
+    student = prune_model(teacher, torch.zeros(1, 1, 8, 8), ratio=0.5).model
+    before = student[1].running_mean.clone()
+
+    distill(student, teacher, digits["train"], digits["val"], DistillConfig(epochs=1, freeze_batchnorm=True, progress=False))
+
+    torch.testing.assert_close(student[1].running_mean, before)

