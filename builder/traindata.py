@@ -71,7 +71,7 @@ class ImagePreprocess:
     std: float = 128.0
     grayscale: bool = False
 
-    def to_array(self, image) -> np.ndarray:
+    def apply(self, image) -> np.ndarray:
         """Resize the shorter side, center-crop and normalize one PIL image to C x H x W float32."""
         image = image.convert("L" if self.grayscale else "RGB")
         scale = max(self.height / image.height, self.width / image.width)
@@ -91,8 +91,12 @@ class ImagePreprocess:
         return np.ascontiguousarray(array)
 
 
-def load_train_data(path: str | Path, preprocess: ImagePreprocess | None = None) -> TrainData:
-    """Load ``--train-data`` from an ``.npz`` file or an image folder."""
+def load_train_data(path: str | Path, preprocess=None) -> TrainData:
+    """Load ``--train-data`` from an ``.npz`` file or an image folder.
+
+    ``preprocess`` turns one PIL image into one sample through its ``apply(image)`` method
+    (:class:`ImagePreprocess`, or the build's ``edgeopt.builder.data.Preprocess``).
+    """
     path = Path(path)
     if not path.exists():
         raise TrainDataError(f"training data {path} not found; give an .npz file with x/y or an image folder")
@@ -127,7 +131,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _load_image_folder(root: Path, preprocess: ImagePreprocess) -> TrainData:
+def _load_image_folder(root: Path, preprocess) -> TrainData:
     from PIL import Image, UnidentifiedImageError
 
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _images_in(p))
@@ -151,7 +155,7 @@ def _load_image_folder(root: Path, preprocess: ImagePreprocess) -> TrainData:
     for image_path, label in files:
         try:
             with Image.open(image_path) as image:
-                arrays.append(preprocess.to_array(image))
+                arrays.append(preprocess.apply(image))
         except (UnidentifiedImageError, OSError) as exc:
             raise TrainDataError(f"could not read image {image_path}: {exc}") from exc
         labels.append(label)

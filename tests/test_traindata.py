@@ -119,3 +119,13 @@ def test_random_crops_shape_and_seed():
     assert -1.0 <= crops.min() and crops.max() <= 1.0
     np.testing.assert_array_equal(crops, random_resized_crops(images, 6, preprocess, seed=4))
     assert not np.array_equal(crops, random_resized_crops(images, 6, preprocess, seed=5))
+
+
+def test_image_folder_with_build_preprocess(tmp_path):
+    from edgeopt.builder.data import Preprocess
+
+    write_digit_images(tmp_path, classes=(3, 4))
+    data = load_train_data(tmp_path, Preprocess(size=(16, 16), mean=(127.0,) * 3, std=(128.0,) * 3))
+
+    assert data.x.shape == (6, 3, 16, 16)
+    assert data.y.tolist() == [0, 0, 0, 1, 1, 1]
