@@ -42,6 +42,9 @@ def export_torch(module, example: dict[str, "np.ndarray"], output_names: list[st
 
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_THRESHOLD
     errors = []
+    # The exporter warns once per torchvision operator when torchvision is absent; that is
+    # expected here and says nothing about this model.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
     try:
         batch = torch.export.Dim("batch", min=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import tempfile
@@ -124,7 +126,8 @@ def build_candidate(settings: QuantizationSettings, fp32_path: Path, prepared_pa
         onnx.save_model(model, str(destination))
         return destination
 
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_static as _quantize_static
 
     if candidate.method == "dynamic":
         quantize_dynamic(
@@ -144,19 +147,22 @@ def build_candidate(settings: QuantizationSettings, fp32_path: Path, prepared_pa
     if candidate.calibration == "percentile":
         extra_options["CalibPercentile"] = CALIBRATION_PERCENTILE
 
-    quantize_static(
-        str(prepared_path),
-        str(destination),
-        DatasetReader(calibration),
-        quant_format=QuantFormat.QDQ if candidate.quant_format == "QDQ" else QuantFormat.QOperator,
-        per_channel=candidate.per_channel,
-        reduce_range=candidate.reduce_range,
-        activation_type=getattr(QuantType, _QUANT_TYPES[candidate.activation_type]),
-        weight_type=getattr(QuantType, _QUANT_TYPES[candidate.weight_type]),
-        nodes_to_exclude=list(settings.nodes_to_exclude),
-        calibrate_method=method,
-        extra_options=extra_options,
-    )
+    # Calibration prints progress with print(); keep it out of the CLI's output.
+    with contextlib.redirect_stdout(io.StringIO()) as captured:
+        _quantize_static(
+            str(prepared_path),
+            str(destination),
+            DatasetReader(calibration),
+            quant_format=QuantFormat.QDQ if candidate.quant_format == "QDQ" else QuantFormat.QOperator,
+            per_channel=candidate.per_channel,
+            reduce_range=candidate.reduce_range,
+            activation_type=getattr(QuantType, _QUANT_TYPES[candidate.activation_type]),
+            weight_type=getattr(QuantType, _QUANT_TYPES[candidate.weight_type]),
+            nodes_to_exclude=list(settings.nodes_to_exclude),
+            calibrate_method=method,
+            extra_options=extra_options,
+        )
+    log.debug("calibration output for %s: %s", candidate.id, captured.getvalue().strip())
     return destination
 
 
@@ -174,8 +180,11 @@ def rank_sensitive_nodes(prepared_path: Path, qdq_path: Path, samples: Dataset, 
 
     Uses ONNX Runtime's ``qdq_loss_debug`` tools: both models are augmented to output every
     intermediate tensor, run on ``limit`` samples, and each activation's value before
-    QuantizeLinear is compared with its value after DequantizeLinear. The nodes that produce
-    and consume the worst tensors are the ones to keep in float.
+    QuantizeLinear is compared with its value after DequantizeLinear. Only outputs of
+    weighted operators are ranked, because that is where quantization error enters: an
+    activation the quantizer folds into the preceding output scale (Clip, Relu) has no
+    tensor of its own in the QDQ model, so its matched SQNR means nothing. The weighted
+    nodes that produce the worst tensors, and their consumers, are kept in float.
     """
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import (
