@@ -191,7 +191,7 @@ def verify_bundle(bundle_dir: Path) -> Manifest:
         if not path.is_file():
             raise BundleError(f"bundle file {rel} is missing")
         if path.stat().st_size != entry["size"]:
-            raise BundleError(f"bundle file {rel} has size {path.stat().st_size}, manifest says {entry['size']}")
+            raise BundleError(f"bundle file {rel} has size {path.stat().st_size}, expected {entry['size']} from the manifest")
         actual = sha256_file(path)
         if actual != entry["sha256"]:
             raise BundleError(f"bundle file {rel} does not match its sha256 (expected {entry['sha256'][:12]}…, got {actual[:12]}…)")

@@ -19,7 +19,7 @@ LABEL_KEYS = ("labels", "y")
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a raw RGB image becomes a model input: resize, x = (pixel - mean) / std, layout."""
+    """Image preprocessing: resize, then x = (pixel - mean) / std, in the given layout."""
 
     size: tuple[int, int]
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)

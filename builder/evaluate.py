@@ -38,7 +38,7 @@ def run_torch(module, dataset: Dataset, output_names: list[str], batch_size: int
 
 
 def is_classifier_output(array: np.ndarray) -> bool:
-    """A 2-D [N, C] output with C >= 2 is treated as class scores."""
+    """Return whether ``array`` is a 2-D [N, C] class-score output with C >= 2."""
     return array.ndim == 2 and array.shape[1] >= 2
 
 
@@ -90,8 +90,8 @@ class Fidelity:
 def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], labels: np.ndarray | None = None) -> Fidelity:
     """Compare candidate outputs with the source model's, output by output.
 
-    Class-score outputs get top-1 agreement (the gate metric) and mean KL divergence of the
-    candidate's softmax from the source's; other outputs get the mean per-sample cosine
+    Class-score outputs get top-1 agreement, the gate metric, and the mean KL divergence of
+    the candidate's softmax from the source's. Other outputs get the mean per-sample cosine
     similarity. With labels, both models' top-1 accuracy on the first class-score output is
     reported as well.
     """

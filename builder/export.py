@@ -21,9 +21,9 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 def export_torch(module, example: dict[str, "np.ndarray"], output_names: list[str] | None, path: Path) -> Path:
     """Export ``module`` to ``path`` with axis 0 of every input and output dynamic.
 
-    The torch.export-based exporter runs first; when it fails (data-dependent control flow,
-    unsupported ops), the TorchScript-based exporter is tried, and both errors are reported
-    if neither works.
+    The torch.export-based exporter runs first. When it fails (data-dependent control flow,
+    unsupported ops), the TorchScript-based exporter is tried. If neither works, both errors
+    are reported.
     """
     import torch
 
@@ -42,8 +42,8 @@ def export_torch(module, example: dict[str, "np.ndarray"], output_names: list[st
 
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_THRESHOLD
     errors = []
-    # The exporter warns once per torchvision operator when torchvision is absent; that is
-    # expected here and says nothing about this model.
+    # The exporter warns once per torchvision operator when torchvision is absent. That is
+    # expected and unrelated to this model.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
     try:
@@ -153,8 +153,8 @@ def optimize_graph(source: Path, destination: Path) -> Path:
     """Apply ONNX Runtime's basic graph optimisations offline.
 
     The basic level (constant folding, redundant-node removal, Conv+BatchNorm fusion) yields
-    only standard ONNX operators, so the result still runs on every execution provider; the
-    extended and layout levels produce CPU-specific contrib ops and are left to the board.
+    only standard ONNX operators, so the result still runs on every execution provider. The
+    extended and layout levels produce CPU-specific contrib ops, so they are left to the board.
     """
     import onnxruntime as ort
 

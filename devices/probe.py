@@ -15,7 +15,7 @@ from edgeopt.devices.profiles import DeviceProfile, list_profiles
 
 @dataclass(frozen=True)
 class HostFacts:
-    """What the probe read off this machine."""
+    """Recognition facts read off this machine."""
 
     system: str
     machine: str

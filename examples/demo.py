@@ -163,7 +163,7 @@ def classify(address: str, model: str, data_dir: Path) -> None:
 
 
 def keep_sending(address: str, model: str, data_dir: Path, stop: threading.Event) -> None:
-    """Send the cat photo every 50 ms until ``stop`` is set, so the monitor sees live traffic."""
+    """Send the cat photo every 50 ms until ``stop`` is set, so the monitor receives live metrics."""
     import tritonclient.grpc as grpcclient
 
     cat = np.load(data_dir / "chelsea.npy").astype(np.float32)

@@ -128,7 +128,8 @@ def test_image_folder_with_preprocess_and_labels(tmp_path):
     dataset = load_dataset(tmp_path, ["input"], preprocess)
     assert dataset.inputs["input"].shape == (2, 3, 32, 32)
     assert sorted(dataset.labels.tolist()) == [0, 281]
-    assert -1.0 <= dataset.inputs["input"].min() and dataset.inputs["input"].max() <= 1.0
+    assert dataset.inputs["input"].min() >= -1.0
+    assert dataset.inputs["input"].max() <= 1.0
 
 
 def test_image_folder_without_preprocess_rejected(tmp_path):
