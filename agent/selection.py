@@ -15,11 +15,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeopt.agent.backends import Backend, BackendError, OnnxRuntimeBackend, ProviderChoice, available_onnx_providers, expand_options
+from edgeopt.agent.backends import (
+    Backend,
+    BackendError,
+    LiteRtBackend,
+    OnnxRuntimeBackend,
+    ProviderChoice,
+    available_onnx_providers,
+    expand_options,
+    import_litert,
+)
 from edgeopt.agent.bundle import Artifact, Manifest, TensorSpec
 from edgeopt.agent.errors import LoadError
 from edgeopt.devices.probe import HostFacts, match_profiles
-from edgeopt.devices.profiles import DeviceProfile, ProfileError, RuntimeOption, load_profile
+from edgeopt.devices.profiles import DeviceProfile, ProfileError, RuntimeOption, list_profiles, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -87,28 +96,57 @@ class RuntimeKind:
     open: Callable[[RuntimeOption, Path, Path, int | None], Backend]
 
 
+# Install hint per execution provider, added to the reason printed when it is missing.
+PROVIDER_INSTALL_HINTS = {
+    "TensorrtExecutionProvider": "it needs onnxruntime-gpu built with TensorRT (on Jetson, the JetPack wheel) and the TensorRT libraries",
+    "CUDAExecutionProvider": "it needs onnxruntime-gpu and matching CUDA and cuDNN libraries",
+    "CoreMLExecutionProvider": "it ships in the onnxruntime wheels for macOS",
+    "OpenVINOExecutionProvider": "it needs the onnxruntime-openvino package",
+    "XnnpackExecutionProvider": "it needs an onnxruntime build configured with --use_xnnpack",
+}
+
+# Options the LiteRT runtime accepts in a profile's [[runtimes]] entry.
+LITERT_OPTIONS = ("num_threads", "xnnpack")
+
+
 def _onnxruntime_unavailable(runtime: RuntimeOption) -> str | None:
     providers = available_onnx_providers()
     if not providers:
-        return "onnxruntime is not installed"
+        return "onnxruntime is not installed: pip install 'edgeopt[agent]'"
     if runtime.provider and runtime.provider not in providers:
-        return f"execution provider {runtime.provider} is not available in this onnxruntime build (available: {', '.join(providers)})"
+        hint = PROVIDER_INSTALL_HINTS.get(runtime.provider)
+        return (
+            f"execution provider {runtime.provider} is not available in this onnxruntime build (available: {', '.join(providers)})"
+            + (f"; {hint}" if hint else "")
+        )
     return None
 
 
+def provider_choice(runtime: RuntimeOption, cache_dir: Path) -> ProviderChoice:
+    """Return the execution provider and options an ONNX Runtime chain entry passes to InferenceSession."""
+    return ProviderChoice(runtime.provider or "CPUExecutionProvider", expand_options(runtime.options, cache_dir))
+
+
 def _open_onnxruntime(runtime: RuntimeOption, model_path: Path, cache_dir: Path, intra_op_threads: int | None) -> Backend:
-    provider = ProviderChoice(runtime.provider or "CPUExecutionProvider", expand_options(runtime.options, cache_dir))
-    return OnnxRuntimeBackend(model_path, [provider], intra_op_threads=intra_op_threads)
+    return OnnxRuntimeBackend(model_path, [provider_choice(runtime, cache_dir)], intra_op_threads=intra_op_threads)
 
 
 def _litert_unavailable(runtime: RuntimeOption) -> str | None:
-    # TODO: load .tflite artifacts once agent/backends.py has a LiteRT backend; until then
-    # the walk moves on to the next runtime in the chain.
-    return "litert: backend not implemented in this agent version"
+    try:
+        import_litert()
+    except BackendError as exc:
+        return str(exc)
+    return None
 
 
 def _open_litert(runtime: RuntimeOption, model_path: Path, cache_dir: Path, intra_op_threads: int | None) -> Backend:
-    raise BackendError("litert: backend not implemented in this agent version")
+    unknown = sorted(set(runtime.options) - set(LITERT_OPTIONS))
+    if unknown:
+        raise BackendError(f"unknown LiteRT option(s) {', '.join(unknown)} in the device profile; allowed: {', '.join(LITERT_OPTIONS)}")
+    # The profile's thread count wins: runs on one interpreter are serialized, so XNNPACK
+    # may use every core the profile assigns to it.
+    threads = runtime.options.get("num_threads") or intra_op_threads
+    return LiteRtBackend(model_path, num_threads=threads, xnnpack=bool(runtime.options.get("xnnpack", True)))
 
 
 RUNTIME_KINDS: dict[str, RuntimeKind] = {
@@ -265,13 +303,27 @@ def select_runtime(
 
 
 def describe_runtimes() -> list[str]:
-    """List the runtimes and ONNX Runtime execution providers installed on this machine."""
+    """List each runtime and every execution provider the device profiles name: available or not, and why."""
     lines = []
     try:
-        import onnxruntime as ort
+        litert = import_litert()
+        lines.append(f"litert: available ({litert.package} {litert.version}, XNNPACK delegate)")
+    except BackendError as exc:
+        lines.append(f"litert: not available: {exc}")
 
-        lines.append(f"onnxruntime {ort.__version__}: execution providers {', '.join(ort.get_available_providers())}")
+    try:
+        import onnxruntime as ort
     except ImportError:
-        lines.append("onnxruntime: not installed")
-    lines.append(_litert_unavailable(RuntimeOption(kind="litert")) or "litert: available")
+        lines.append("onnxruntime: not available: onnxruntime is not installed: pip install 'edgeopt[agent]'")
+        return lines
+    lines.append(f"onnxruntime {ort.__version__}: available")
+
+    available = ort.get_available_providers()
+    named = [rt.provider for profile in list_profiles() for rt in profile.runtimes if rt.provider]
+    for provider in dict.fromkeys([*named, *available]):
+        if provider in available:
+            lines.append(f"  {provider}: available")
+            continue
+        hint = PROVIDER_INSTALL_HINTS.get(provider, "this onnxruntime build does not include it")
+        lines.append(f"  {provider}: not available: {hint}")
     return lines

@@ -19,10 +19,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from edgeopt import __version__
-from edgeopt.agent.backends import LatencyStats, OnnxRuntimeBackend, ProviderChoice, measure_latency
+from edgeopt.agent.backends import Backend, LatencyStats, OnnxRuntimeBackend, ProviderChoice, measure_latency
 from edgeopt.agent.bundle import Artifact, TensorSpec, pack_bundle, sha256_file, verify_bundle, write_manifest
 from edgeopt.agent.datatypes import ONNX_TYPE_TO_KSERVE, numpy_dtype
 from edgeopt.builder import export as exporting
+from edgeopt.builder import litert
 from edgeopt.builder.data import Dataset, Preprocess, check_input_shapes, load_dataset, split_calibration_evaluation
 from edgeopt.builder.errors import BuildInputError, GateError
 from edgeopt.builder.evaluate import Fidelity, Gate, compare_outputs, is_classifier_output, run_backend, run_torch
@@ -30,7 +31,7 @@ from edgeopt.builder.modelspec import SourceModel, load_source_model, parse_mode
 from edgeopt.builder.quantize import QuantizationSettings, build_candidate, exclusion_steps, prepare_for_quantization, rank_sensitive_nodes
 from edgeopt.builder.report import render_report
 from edgeopt.devices.probe import detect_profile, probe_host
-from edgeopt.devices.profiles import DeviceProfile, ProfileError, load_profile
+from edgeopt.devices.profiles import DeviceProfile, ProfileError, QuantCandidate, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class CandidateResult:
     notes: list[str] = field(default_factory=list)
     outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     validated_on_host: bool = True
+    # The runtime that evaluated and timed this candidate on the build host.
+    validated_with: str = ""
 
 
 class Progress:
@@ -113,6 +116,8 @@ class BuildContext:
     candidates: list[CandidateResult] = field(default_factory=list)
     winner: CandidateResult | None = None
     decision: list[str] = field(default_factory=list)
+    # Candidates of the profile that were not built, as "id: reason".
+    skipped: list[str] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
     source_latency: LatencyStats | None = None
     host_description: str = ""
@@ -218,16 +223,24 @@ def _measure_source_latency(context: BuildContext) -> None:
     context.source_latency = measure_latency(TorchRunner(), sample, runs=context.options.latency_runs)
 
 
-def _evaluate(context: BuildContext, candidate_id: str, precision: str, path: Path, recipe: dict, notes: list[str]) -> CandidateResult:
-    backend = OnnxRuntimeBackend(path, [ProviderChoice("CPUExecutionProvider", {})], intra_op_threads=context.options.threads)
+def _evaluate(
+    context: BuildContext, candidate_id: str, precision: str, path: Path, recipe: dict, notes: list[str], backend: Backend | None = None
+) -> CandidateResult:
+    """Evaluate an artifact; ONNX files default to the CPU execution provider, other formats pass ``backend``."""
+    artifact_format = "tflite" if path.suffix == ".tflite" else "onnx"
+    if backend is None:
+        backend = OnnxRuntimeBackend(path, [ProviderChoice("CPUExecutionProvider", {})], intra_op_threads=context.options.threads)
     outputs = run_backend(backend, context.evaluation)
     fidelity = compare_outputs(context.reference, outputs, context.evaluation.labels)
     latency = measure_latency(backend, context.evaluation.batch(0, 1), runs=context.options.latency_runs)
-    size = path.stat().st_size + sum(p.stat().st_size for p in exporting.external_data_files(path))
+    backend.close()
+    size = path.stat().st_size
+    if artifact_format == "onnx":
+        size += sum(p.stat().st_size for p in exporting.external_data_files(path))
     result = CandidateResult(
         id=candidate_id,
         precision=precision,
-        format="onnx",
+        format=artifact_format,
         path=path,
         size=size,
         recipe=recipe,
@@ -236,6 +249,7 @@ def _evaluate(context: BuildContext, candidate_id: str, precision: str, path: Pa
         latency=latency,
         notes=notes,
         outputs=outputs,
+        validated_with=backend.runtime,
     )
     log.info(
         "candidate %s: %s %.4f (drop %.4f, gate %s), host p50 %.2f ms, %d bytes",
@@ -257,10 +271,10 @@ def _build_candidates(context: BuildContext, progress: Progress) -> None:
 
     candidate_dir = context.workdir / "candidates"
     candidate_dir.mkdir()
+    tflite_float = _TfliteFloatModel(candidate_dir / "litert-float.tflite")
     for candidate in context.profile.candidates:
-        if candidate.format != "onnx":
-            # TODO: LiteRT (.tflite) candidates need the litert-torch conversion step.
-            log.warning("candidate %s: format %s is not built by this edgeopt version; skipped", candidate.id, candidate.format)
+        if candidate.format == "tflite":
+            _build_tflite_candidate(context, candidate, tflite_float, progress)
             continue
 
         settings = QuantizationSettings(candidate)
@@ -291,6 +305,68 @@ def _build_candidates(context: BuildContext, progress: Progress) -> None:
                 break
 
 
+# --- LiteRT candidates ------------------------------------------------------------------
+
+
+def _tflite_skip_reason(context: BuildContext, candidate: QuantCandidate) -> str | None:
+    if context.source.is_onnx:
+        return "LiteRT candidates are converted from the PyTorch module with litert-torch, and an ONNX source has none"
+    if candidate.method not in ("none", *litert.QUANTIZER_RECIPES):
+        return f"method {candidate.method} is not built for tflite; use none, static or dynamic"
+    if candidate.method == "dynamic":
+        passed = next((c for c in context.candidates if c.format == "tflite" and c.precision == candidate.precision and c.passed
+                       and c.recipe.get("method") == "static"), None)
+        if passed is not None:
+            return f"full-integer {passed.id} passed the gate, so dynamic-range INT8 is not needed"
+    return litert.tflite_unavailable_reason()
+
+
+@dataclass
+class _TfliteFloatModel:
+    """The FP32 .tflite conversion shared by every LiteRT candidate of one build."""
+
+    path: Path
+    error: str | None = None
+
+    def get(self, context: BuildContext, progress: Progress) -> Path:
+        """Convert the source module on first use; later calls reuse the file or repeat the failure."""
+        if self.error is not None:
+            raise litert.TfliteBuildError(self.error)
+        if not self.path.exists():
+            output_names = [spec.name for spec in context.output_specs]
+            with progress.step("converting the PyTorch module to .tflite with litert-torch"):
+                try:
+                    litert.convert_module(context.source.module, context.calibration.batch(0, 1), output_names, self.path)
+                except litert.TfliteBuildError as exc:
+                    self.error = str(exc)
+                    raise
+        return self.path
+
+
+def _build_tflite_candidate(context: BuildContext, candidate: QuantCandidate, float_model: _TfliteFloatModel, progress: Progress) -> None:
+    """Build and evaluate one LiteRT candidate, or record why it was skipped."""
+    reason = _tflite_skip_reason(context, candidate)
+    if reason is None:
+        path = float_model.path.with_name(f"{candidate.id}.tflite")
+        try:
+            float_path = float_model.get(context, progress)
+            with progress.step(f"building and evaluating {candidate.id}"):
+                if candidate.method == "none":
+                    shutil.copyfile(float_path, path)
+                    recipe = litert.float_recipe()
+                else:
+                    recipe = litert.quantize_tflite(float_path, candidate.method, context.calibration, path, context.options.threads)
+                backend = litert.open_host_backend(path, context.options.threads or os.cpu_count())
+                result = _evaluate(context, candidate.id, candidate.precision, path, recipe, [], backend=backend)
+        except litert.TfliteBuildError as exc:
+            reason = str(exc)
+        else:
+            context.candidates.append(result)
+            return
+    context.skipped.append(f"{candidate.id}: {reason}")
+    log.warning("candidate %s skipped: %s", candidate.id, reason)
+
+
 def _choose_winner(context: BuildContext) -> None:
     passing = [c for c in context.candidates if c.passed]
     failing = [c for c in context.candidates if not c.passed]
@@ -313,10 +389,13 @@ def _choose_winner(context: BuildContext) -> None:
             f"(fastest passing: {fastest:.2f} ms; within {LATENCY_TIE:.0%} the smaller file wins)."
         )
     else:
-        winner = min(passing, key=lambda c: (rank.get(c.precision, len(rank)), c.fidelity.drop, c.size))
+        # Within a precision, the profile's format order (e.g. tflite before onnx) decides.
+        formats = {artifact_format: index for index, artifact_format in enumerate(context.profile.formats)}
+        winner = min(passing, key=lambda c: (rank.get(c.precision, len(rank)), formats.get(c.format, len(formats)), c.fidelity.drop, c.size))
+        format_order = f", then its format preference ({' > '.join(context.profile.formats)})," if len(context.profile.formats) > 1 else ""
         context.decision.append(
-            f"This host is not a {context.profile.id}, so the profile's precision preference ({' > '.join(preference)}) decides "
-            f"among passing candidates: {winner.id} ({winner.precision}) passes with drop {winner.fidelity.drop:.4f}."
+            f"This host is not a {context.profile.id}, so the profile's precision preference ({' > '.join(preference)}){format_order} decides "
+            f"among passing candidates: {winner.id} ({winner.precision}, {winner.format}) passes with drop {winner.fidelity.drop:.4f}."
         )
 
     preferred = preference[0] if preference else winner.precision
@@ -359,12 +438,41 @@ def _pick_selftest_sample(context: BuildContext, shipped: list[CandidateResult])
     return int(np.argmax(margin))
 
 
+def _onnx_fallback(context: BuildContext, shipped: list[CandidateResult]) -> list[CandidateResult]:
+    """Return the best passing ONNX candidate when nothing shipped is ONNX, so ONNX Runtime can take over."""
+    if any(c.format == "onnx" for c in shipped):
+        return []
+    rank = {precision: index for index, precision in enumerate(context.profile.precision_preference)}
+    passing = [c for c in context.candidates if c.format == "onnx" and c.passed]
+    if not passing:
+        return []
+    fallback = min(passing, key=lambda c: (rank.get(c.precision, len(rank)), c.fidelity.drop, c.size))
+    context.decision.append(f"The bundle also ships {fallback.id} ({fallback.precision}, onnx) for the ONNX Runtime entries of the chain.")
+    return [fallback]
+
+
+def _runtime_entries(profile: DeviceProfile) -> list[dict]:
+    """Return the profile's runtime chain as the manifest records it; ``{cache_dir}`` is filled in by the agent."""
+    return [
+        {"kind": rt.kind, "provider": rt.provider, "options": dict(rt.options), "precisions": list(rt.precisions), "formats": list(rt.formats), "note": rt.note}
+        for rt in profile.runtimes
+    ]
+
+
+def _latency_method(context: BuildContext, candidate: CandidateResult) -> str:
+    if candidate.format == "onnx":
+        return context.latency_method
+    return f"{candidate.validated_with}, batch 1, p50/p99 of up to {context.options.latency_runs} runs after 5 warm-up runs"
+
+
 def _assemble_bundle(context: BuildContext, bundle_dir: Path, labels: list[str] | None) -> None:
     bundle_dir.mkdir(parents=True)
     shipped = [context.winner]
     fp32 = next((c for c in context.candidates if c.id == "fp32"), None)
     if context.options.fallback and context.winner.precision != "fp32" and fp32 is not None:
         shipped.append(fp32)
+    if context.options.fallback:
+        shipped += _onnx_fallback(context, shipped)
 
     index = _pick_selftest_sample(context, shipped)
     selftest_dir = bundle_dir / "selftest"
@@ -373,8 +481,9 @@ def _assemble_bundle(context: BuildContext, bundle_dir: Path, labels: list[str] 
     np.savez(selftest_dir / "expected.npz", **{name: ref[index : index + 1] for name, ref in context.reference.items()})
 
     tolerances = {}
+    file_names = {}
     for candidate in shipped:
-        file_name = f"model.{candidate.id}.onnx"
+        file_name = file_names[candidate.id] = f"model.{candidate.id}{candidate.path.suffix}"
         shutil.copyfile(candidate.path, bundle_dir / file_name)
         runtimes = tuple(context.profile.runtimes_for(candidate.format, candidate.precision))
         context.artifacts.append(
@@ -395,13 +504,13 @@ def _assemble_bundle(context: BuildContext, bundle_dir: Path, labels: list[str] 
         (bundle_dir / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
 
     classifier = any(is_classifier_output(r) for r in context.reference.values())
-    winner_tol = tolerances[f"model.{context.winner.id}.onnx"]
+    winner_tol = tolerances[file_names[context.winner.id]]
     metrics = {
         "winner": context.winner.id,
         "size_bytes": context.winner.size,
         "fidelity": context.winner.fidelity.to_dict(),
-        "latency": {**context.winner.latency.to_dict(), "measured_on": context.host_description, "method": context.latency_method},
-        "latency_measured_on": f"{context.host_description}; {context.latency_method}",
+        "latency": {**context.winner.latency.to_dict(), "measured_on": context.host_description, "method": _latency_method(context, context.winner)},
+        "latency_measured_on": f"{context.host_description}; {_latency_method(context, context.winner)}",
         "host_representative": context.host_representative,
         "candidates": {
             c.id: {
@@ -410,10 +519,13 @@ def _assemble_bundle(context: BuildContext, bundle_dir: Path, labels: list[str] 
                 "fidelity": c.fidelity.to_dict(),
                 "gate_passed": c.passed,
                 "latency": c.latency.to_dict() if c.latency else None,
+                "runtime": c.validated_with,
             }
             for c in context.candidates
         },
     }
+    if context.skipped:
+        metrics["skipped_candidates"] = list(context.skipped)
     if context.source_latency is not None:
         metrics["source_latency"] = {**context.source_latency.to_dict(), "runtime": "PyTorch eager FP32"}
 
@@ -429,6 +541,7 @@ def _assemble_bundle(context: BuildContext, bundle_dir: Path, labels: list[str] 
         "preprocess": context.preprocess.to_manifest() if context.preprocess else None,
         "labels": "labels.txt" if labels else None,
         "artifacts": [a.to_dict() for a in context.artifacts],
+        "runtimes": _runtime_entries(context.profile),
         "recipe": {
             "prune": None,
             "distillation": None,

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edgeopt.agent.selection import runtime_unavailable_reason
+
 if TYPE_CHECKING:
+    from edgeopt.agent.bundle import Artifact
     from edgeopt.builder.pipeline import BuildContext, CandidateResult
+
+# The chain entry that stands for the runtime the builder evaluates each format with.
+HOST_RUNTIME_LABEL = {"onnx": "CPUExecutionProvider", "tflite": "litert"}
 
 
 def _mib(size: int) -> str:
@@ -50,6 +56,7 @@ def render_report(context: "BuildContext") -> str:
         + (", with labels" if context.evaluation.labels is not None else ", no labels (fidelity against the FP32 source only)"),
         f"- Fidelity gate: drop of at most {context.gate.max_drop:.4f} in {context.gate_metric_label} against the FP32 source",
         f"- Host latency: {context.latency_method}",
+        *_litert_latency_lines(context),
         "",
         "## Candidates",
         "",
@@ -74,9 +81,15 @@ def render_report(context: "BuildContext") -> str:
             lines.append(f"- `{c.id}`: drop {c.fidelity.drop:.4f} > {context.gate.max_drop:.4f}. " + " ".join(c.notes))
         lines.append("")
 
+    if context.skipped:
+        lines += ["## Candidates not built", ""]
+        lines += [f"- {entry}" for entry in context.skipped]
+        lines.append("")
+
     lines += ["## Artifacts in the bundle", ""]
+    candidates = {c.id: c for c in context.candidates}
     for artifact in context.artifacts:
-        host = "validated on this host" if artifact.validated_on_host else "**not validated on this host**"
+        host = _host_validation(context, artifact, candidates.get(artifact.candidate))
         lines.append(
             f"- `{artifact.path}`: {artifact.format} {artifact.precision}, {_mib(artifact.size)} MiB, {host}; "
             f"runtimes on {context.profile.id}: {', '.join(artifact.runtimes) or 'none'}"
@@ -97,6 +110,23 @@ def render_report(context: "BuildContext") -> str:
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
+
+
+def _litert_latency_lines(context: "BuildContext") -> list[str]:
+    runtimes = sorted({c.validated_with for c in context.candidates if c.format == "tflite"})
+    return [f"- Host latency of LiteRT candidates: {runtime}, same batch size and run counts" for runtime in runtimes]
+
+
+def _host_validation(context: "BuildContext", artifact: "Artifact", candidate: "CandidateResult | None") -> str:
+    """Say which runtime validated ``artifact`` here and which of its device runtimes this host lacks."""
+    if not artifact.validated_on_host or candidate is None:
+        return "**not validated on this host**"
+    chain = {rt.label: rt for rt in context.profile.runtimes}
+    missing = [label for label in artifact.runtimes if label in chain and runtime_unavailable_reason(chain[label])]
+    if HOST_RUNTIME_LABEL.get(artifact.format) in artifact.runtimes:
+        text = f"validated on this host with {candidate.validated_with}"
+        return text + (f" ({', '.join(missing)} not available here)" if missing else "")
+    return f"only validated on the host with {candidate.validated_with}; {', '.join(missing) or 'its device runtimes'} not available here"
 
 
 def summary_lines(context: "BuildContext") -> list[str]:

@@ -109,7 +109,7 @@ def test_rpi5_chain_skips_litert_and_xnnpack(tmp_path):
     bundle = make_classifier_bundle(tmp_path, device="rpi5")
     selection = select_runtime(bundle, load_manifest(bundle), load_profile("rpi5"), tmp_path / "cache")
     reasons = {a.runtime: a.reason for a in selection.attempts if not a.selected}
-    assert reasons["litert"] == "litert: backend not implemented in this agent version"
+    assert reasons["litert"] == "no artifact in the bundle suits this runtime"
     assert "XnnpackExecutionProvider is not available" in reasons["XnnpackExecutionProvider"]
     assert selection.runtime.label == "CPUExecutionProvider"
     selection.backend.close()
