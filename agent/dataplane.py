@@ -2,6 +2,8 @@
 
 It knows nothing about gRPC transport: it takes and returns KServe v2 protobuf messages and
 raises the domain errors of ``edgeopt.agent.errors``, which the servicer maps to status codes.
+Listeners (``DataPlaneListener``) hear about loads, unloads, load failures, runtime fallbacks
+and inference failures; the telemetry reporter is one.
 """
 
 from __future__ import annotations
@@ -15,17 +17,25 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from edgeopt.agent import codecs
 from edgeopt.agent.backends import BackendError
 from edgeopt.agent.bundle import MANIFEST_NAME, BundleError, Manifest, TensorSpec, open_bundle
-from edgeopt.agent.errors import InferenceError, InvalidInputError, LoadError, ModelNotFoundError, OverloadedError, UnavailableError
+from edgeopt.agent.errors import (
+    AgentError,
+    InferenceError,
+    InvalidInputError,
+    LoadError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
 from edgeopt.agent.metrics import ServerStats
 from edgeopt.agent.protos import inference_pb2
-from edgeopt.agent.selection import Selection, check_device, select_runtime
+from edgeopt.agent.selection import Attempt, Selection, check_device, select_runtime
 from edgeopt.devices.probe import HostFacts, probe_host
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,8 @@ class DataPlaneConfig:
     repository: Path | None = None
     drain_timeout_s: float = 30.0
     facts: HostFacts | None = None
+    # Inference failures reach listeners at most once per model and interval; the rest are counted.
+    error_report_interval_s: float = 10.0
 
     def sized(self) -> "DataPlaneConfig":
         runs, threads = board_concurrency(os.cpu_count() or 1)
@@ -67,6 +79,7 @@ class DataPlaneConfig:
             repository=self.repository,
             drain_timeout_s=self.drain_timeout_s,
             facts=self.facts or probe_host(),
+            error_report_interval_s=self.error_report_interval_s,
         )
 
 
@@ -200,6 +213,63 @@ class LoadedModel:
         return names
 
 
+class DataPlaneListener:
+    """Receiver of data-plane events; subclasses override the methods they need.
+
+    The data plane calls these on the thread that caused the event (a gRPC worker, or the
+    caller of ``load``, ``unload`` and ``close``) after it has released its own lock. They
+    must return quickly because a request or a load waits for them. An exception raised here
+    is logged and ignored.
+    """
+
+    def on_loaded(self, model: LoadedModel) -> None:
+        """A model version now serves requests."""
+
+    def on_unloaded(self, model: LoadedModel, reason: str) -> None:
+        """A model version stopped serving; ``reason`` is "unloaded", "replaced" or "shutdown"."""
+
+    def on_load_failed(self, path: Path, error: Exception) -> None:
+        """Loading the bundle at ``path`` failed; nothing was changed."""
+
+    def on_runtime_fallback(self, model: LoadedModel, skipped: list[Attempt]) -> None:
+        """A model loaded after earlier candidates of the runtime chain were skipped."""
+
+    def on_inference_error(self, model: LoadedModel, error: Exception, suppressed: int) -> None:
+        """A valid request failed inside the agent or runtime.
+
+        Client mistakes (invalid input, unknown model) and overload are not reported here.
+        ``suppressed`` counts the failures of this model held back by rate limiting since
+        the previous call.
+        """
+
+
+class ErrorRateLimiter:
+    """Let the first error per key through, then at most one per ``interval_s``; count the rest."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """Return the number of errors held back since the last admitted one, or None to hold this one back."""
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval_s:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._last.pop(key, None)
+            self._held.pop(key, None)
+
+
 @dataclass
 class _KnownBundle:
     path: Path
@@ -212,6 +282,7 @@ class DataPlane:
 
     config: DataPlaneConfig = field(default_factory=DataPlaneConfig)
     stats: ServerStats = field(default_factory=ServerStats)
+    listeners: list[DataPlaneListener] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.config = self.config.sized()
@@ -219,7 +290,48 @@ class DataPlane:
         self._models: dict[str, dict[str, LoadedModel]] = {}
         self._known: dict[str, _KnownBundle] = {}
         self._loading: set[str] = set()
+        self._listeners: list[DataPlaneListener] = list(self.listeners)
+        self._error_limiter = ErrorRateLimiter(self.config.error_report_interval_s)
         self.shutting_down = False
+
+    # --- listeners ----------------------------------------------------------------
+
+    def add_listener(self, listener: DataPlaneListener, replay: bool = False) -> None:
+        """Register ``listener``; with ``replay`` it first hears about every model loaded so far.
+
+        Registration and the list of models to replay are taken under one lock, so a model
+        loading at the same time reaches the listener exactly once.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+            loaded = [model for versions in self._models.values() for model in versions.values()] if replay else []
+        for model in loaded:
+            self._announce_load([listener], model)
+
+    def remove_listener(self, listener: DataPlaneListener) -> None:
+        with self._lock:
+            self._listeners.remove(listener)
+
+    def _notify(self, listeners: list[DataPlaneListener], method: str, *args: Any) -> None:
+        for listener in listeners:
+            try:
+                getattr(listener, method)(*args)
+            except Exception:  # a listener must not break loading or serving
+                log.exception("data plane listener %s failed in %s", type(listener).__name__, method)
+
+    def _announce_load(self, listeners: list[DataPlaneListener], model: LoadedModel) -> None:
+        skipped = [attempt for attempt in model.selection.attempts if not attempt.selected]
+        if skipped:
+            self._notify(listeners, "on_runtime_fallback", model, skipped)
+        self._notify(listeners, "on_loaded", model)
+
+    def _inference_failed(self, model: LoadedModel, error: Exception) -> None:
+        suppressed = self._error_limiter.admit(model.name)
+        if suppressed is None:
+            return
+        with self._lock:
+            listeners = list(self._listeners)
+        self._notify(listeners, "on_inference_error", model, error, suppressed)
 
     # --- repository ---------------------------------------------------------------
 
@@ -227,8 +339,25 @@ class DataPlane:
         """Verify a bundle directory or tar, check the device, select a runtime and serve it.
 
         A model with the same name and version is replaced once the new one is ready.
+        Listeners hear about the result: on_loaded (after on_runtime_fallback when earlier
+        candidates were skipped), on_unloaded for a replaced version, or on_load_failed.
         """
         path = Path(path)
+        try:
+            model, previous, listeners = self._load(path)
+        except Exception as exc:
+            with self._lock:
+                listeners = list(self._listeners)
+            self._notify(listeners, "on_load_failed", path, exc)
+            raise
+
+        self._announce_load(listeners, model)
+        if previous is not None:
+            self._retire(previous)
+            self._notify(listeners, "on_unloaded", previous, "replaced")
+        return model
+
+    def _load(self, path: Path) -> tuple[LoadedModel, LoadedModel | None, list[DataPlaneListener]]:
         log.info("loading bundle %s", path)
         started = time.perf_counter()
         try:
@@ -261,12 +390,11 @@ class DataPlane:
             previous = self._models.setdefault(model.name, {}).get(model.version)
             self._models[model.name][model.version] = model
             self._known[model.name].last_error = ""
-        if previous is not None:
-            self._retire(previous)
+            listeners = list(self._listeners)
         log.info(
             "loaded %s version %s from %s on %s in %.2f s", model.name, model.version, path, model.backend.runtime, time.perf_counter() - started
         )
-        return model
+        return model, previous, listeners
 
     def _retire(self, model: LoadedModel) -> None:
         if not model.queue.wait_idle(self.config.drain_timeout_s):
@@ -297,11 +425,12 @@ class DataPlane:
             raise ModelNotFoundError(f"no bundle named {name!r} is known; start the agent with --bundle PATH or put it in --repository")
         return self.load(known.path)
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, reason: str = "unloaded") -> None:
         """Stop serving every version of ``name``; requests in flight finish first."""
         with self._lock:
             versions = self._models.pop(name, None)
             known = name in self._known
+            listeners = list(self._listeners)
         if versions is None:
             if known:
                 return
@@ -309,6 +438,9 @@ class DataPlane:
         for model in versions.values():
             self._retire(model)
         self.stats.forget(name)
+        self._error_limiter.forget(name)
+        for model in versions.values():
+            self._notify(listeners, "on_unloaded", model, reason)
 
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """List loaded models and bundles known on disk with their state."""
@@ -380,6 +512,15 @@ class DataPlane:
             codecs.encode_outputs(response, {name: outputs[name] for name in wanted}, raw=use_raw)
             ok = True
             return response
+        except InferenceError as exc:
+            self._inference_failed(model, exc)
+            raise
+        except AgentError:
+            # Invalid input and overload are the client's to fix; the servicer reports them.
+            raise
+        except Exception as exc:
+            self._inference_failed(model, exc)
+            raise
         finally:
             self.stats.record(model.name, model.version, (time.perf_counter() - started) * 1000.0, ok)
 
@@ -389,7 +530,7 @@ class DataPlane:
         with self._lock:
             names = list(self._models)
         for name in names:
-            self.unload(name)
+            self.unload(name, reason="shutdown")
 
 
 def _bundle_name(entry: Path) -> str | None:

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgeopt import __version__
+from edgeopt.agent.dataplane import DataPlane, DataPlaneListener, LoadedModel
+from edgeopt.agent.selection import Attempt
 from edgeopt.devices.power import EnergyMeter, PowerSensor
 from edgeopt.devices.profiles import DeviceProfile
 from edgeopt.devices.sensors import SystemSensors
@@ -138,6 +140,10 @@ class TelemetryReporter:
         self._early_acks: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._status_due = threading.Event()
+        # Orders the retained status messages: no birth may follow the final ``offline``.
+        self._status_lock = threading.Lock()
+        self._offline_sent = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seq = 0
@@ -196,7 +202,9 @@ class TelemetryReporter:
         deadline = time.monotonic() + flush_timeout_s
         if self.mqtt.connected.is_set():
             self._flush()
-            info = self.mqtt.publish(self.config.topic("status"), self._status_payload("offline", "shutdown"), qos=1, retain=True)
+            with self._status_lock:
+                self._offline_sent = True
+                info = self.mqtt.publish(self.config.topic("status"), self._status_payload("offline", "shutdown"), qos=1, retain=True)
             while time.monotonic() < deadline and (self.buffered or not info.is_published()):
                 self._flush()
                 time.sleep(0.02)
@@ -217,9 +225,13 @@ class TelemetryReporter:
         self._wake.set()
 
     def publish_status(self) -> None:
-        """Publish the birth message again, for example after the set of loaded models changed."""
-        if self.mqtt.connected.is_set():
-            self.mqtt.publish(self.config.topic("status"), self._status_payload("online"), qos=1, retain=True)
+        """Schedule the retained birth, with the current models, for the reporter thread.
+
+        This returns at once. Calls made before the thread runs yield one message. While
+        disconnected nothing is queued, because every reconnect publishes the birth anyway.
+        """
+        self._status_due.set()
+        self._wake.set()
 
     # Payloads ----------------------------------------------------------------------------------------
 
@@ -336,8 +348,25 @@ class TelemetryReporter:
         self._wake.set()
 
     def _on_connect(self, session: MqttSession) -> None:
-        session.publish(self.config.topic("status"), self._status_payload("online"), qos=1, retain=True)
+        self._status_due.clear()
+        self._publish_birth()
         self._wake.set()
+
+    def _refresh_status(self) -> None:
+        if not self._status_due.is_set() or not self.mqtt.connected.is_set():
+            return
+        self._status_due.clear()
+        if self._publish_birth():
+            log.info("telemetry: refreshed the retained status of device %s", self.config.device_id)
+
+    def _publish_birth(self) -> bool:
+        # MqttSession sets ``connected`` before it calls on_connect, so stop() can publish
+        # ``offline`` while the network thread is still about to publish the birth.
+        with self._status_lock:
+            if self._offline_sent:
+                return False
+            self.mqtt.publish(self.config.topic("status"), self._status_payload("online"), qos=1, retain=True)
+            return True
 
     def _run(self) -> None:
         interval = self.config.metrics_interval_s
@@ -355,6 +384,7 @@ class TelemetryReporter:
                     # Keep a fixed rate; after a stall, skip the missed slots instead of bursting.
                     next_metrics += interval * max(1, int((now - next_metrics) // interval) + 1)
                 self._flush()
+                self._refresh_status()
             except Exception:  # a failing sensor or stats source must not end reporting
                 log.exception("telemetry step failed for device %s; continuing", self.config.device_id)
 
@@ -392,11 +422,13 @@ def config_from_options(
     return TelemetryConfig(**options)
 
 
-def start_agent_telemetry(config: TelemetryConfig, dataplane: Any) -> TelemetryReporter:
-    """Start reporting for a running data plane and announce its loaded models as events.
+def start_agent_telemetry(config: TelemetryConfig, dataplane: DataPlane) -> TelemetryReporter:
+    """Start reporting for a running data plane and subscribe to its events.
 
-    The device profile is the one the loaded bundles were built for, else the profile that
-    matches this host; its power sensor is opened with the estimate as the fallback.
+    The models loaded so far are announced as events (``runtime_fallback`` where candidates
+    were skipped, then ``model_loaded``); later loads, unloads and failures follow as they
+    happen. The device profile is the one the loaded bundles were built for, else the profile
+    that matches this host; its power sensor is opened with the estimate as the fallback.
     """
     from edgeopt.devices.power import open_power_sensor
     from edgeopt.devices.probe import detect_profile
@@ -414,15 +446,48 @@ def start_agent_telemetry(config: TelemetryConfig, dataplane: Any) -> TelemetryR
 
     reporter = TelemetryReporter(config, dataplane.stats, models=dataplane.models, profile=profile, power=power)
     reporter.start()
-    for model in models:
-        loaded = dataplane.get(model["name"], model["version"])
-        skipped = [attempt for attempt in loaded.selection.attempts if not attempt.selected]
-        if skipped:
-            reporter.publish_event(
-                "runtime_fallback",
-                model=model["name"],
-                message=f"using {model['runtime']} after {len(skipped)} candidates were skipped",
-                skipped=[attempt.describe() for attempt in skipped],
-            )
-        reporter.publish_event("model_loaded", model=model["name"], message=f"version {model['version']} on {model['runtime']}", **model)
+    dataplane.add_listener(TelemetryListener(reporter), replay=True)
     return reporter
+
+
+class TelemetryListener(DataPlaneListener):
+    """Publish data-plane events and refresh the retained birth when the loaded models change."""
+
+    def __init__(self, reporter: TelemetryReporter):
+        self.reporter = reporter
+
+    def on_loaded(self, model: LoadedModel) -> None:
+        details = model.describe()
+        self.reporter.publish_event("model_loaded", model=model.name, message=f"version {model.version} on {details['runtime']}", **details)
+        self.reporter.publish_status()
+
+    def on_unloaded(self, model: LoadedModel, reason: str) -> None:
+        self.reporter.publish_event(
+            "model_unloaded", model=model.name, message=f"version {model.version} {reason}", version=model.version, reason=reason
+        )
+        self.reporter.publish_status()
+
+    def on_load_failed(self, path: Path, error: Exception) -> None:
+        self.reporter.publish_event("error", message=str(error), phase="load", path=str(path), error_type=type(error).__name__)
+
+    def on_runtime_fallback(self, model: LoadedModel, skipped: list[Attempt]) -> None:
+        runtime = model.backend.runtime
+        self.reporter.publish_event(
+            "runtime_fallback",
+            model=model.name,
+            message=f"using {runtime} after {len(skipped)} candidates were skipped",
+            version=model.version,
+            runtime=runtime,
+            skipped=[attempt.describe() for attempt in skipped],
+        )
+
+    def on_inference_error(self, model: LoadedModel, error: Exception, suppressed: int) -> None:
+        self.reporter.publish_event(
+            "error",
+            model=model.name,
+            message=str(error),
+            phase="inference",
+            version=model.version,
+            error_type=type(error).__name__,
+            suppressed=suppressed,
+        )

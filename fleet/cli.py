@@ -78,6 +78,20 @@ def render_table(devices: list[DeviceState], alerts: list[Alert], max_rows: int 
     return table
 
 
+def event_record(device: DeviceState, payload: dict) -> dict:
+    """Return the ``--json`` line for an agent event (model_loaded, model_unloaded, error, runtime_fallback)."""
+    return {
+        "type": "event",
+        "device_id": device.device_id,
+        "fleet": device.fleet,
+        "ts": payload.get("ts"),
+        "event": payload.get("event"),
+        "model": payload.get("model"),
+        "message": payload.get("message", ""),
+        "details": payload.get("details") or {},
+    }
+
+
 def _build_config(broker: str, fleet: str | None, shared_group: str | None, ca, cert, key, client_id, session_expiry) -> MonitorConfig:
     try:
         url = parse_broker_url(broker)
@@ -125,7 +139,7 @@ def fleet() -> None:
 @click.option("--ca", type=click.Path(dir_okay=False, path_type=Path), help="CA certificate (PEM) for mqtts://.")
 @click.option("--cert", type=click.Path(dir_okay=False, path_type=Path), help="Client certificate (PEM) for mqtts://.")
 @click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Client private key (PEM) for mqtts://.")
-@click.option("--json", "as_json", is_flag=True, help="Write one JSON line per device update and alert instead of the table.")
+@click.option("--json", "as_json", is_flag=True, help="Write one JSON line per device update, agent event and alert instead of the table.")
 @click.option("--once", is_flag=True, help="Collect retained status and one metrics interval, print the state and exit.")
 @click.option("--interval", type=float, default=None, help=f"Seconds --once waits for metrics [default: the largest interval the agents announce, else {DEFAULT_INTERVAL_S:g}].")
 @click.option("--max-p99-ms", type=float, help="Alert when a model's p99 latency exceeds this many milliseconds.")
@@ -164,7 +178,8 @@ def watch(broker, fleet_name, ca, cert, key, as_json, once, interval, max_p99_ms
                 click.echo(f"ALERT {alert.state}: {alert.message}", err=True)
 
     on_update = (lambda device: write_json(device.to_dict())) if as_json and not once else None
-    monitor = FleetMonitor(config, history=history, rules=rules, on_update=on_update, on_alert=on_alert)
+    on_event = (lambda device, payload: write_json(event_record(device, payload))) if as_json and not once else None
+    monitor = FleetMonitor(config, history=history, rules=rules, on_update=on_update, on_alert=on_alert, on_event=on_event)
     monitor.start()
     try:
         if once:

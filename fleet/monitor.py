@@ -104,6 +104,7 @@ class DeviceState:
     last_seen: float | None = None
     last_metrics: float | None = None
     metrics_received: int = 0
+    events_received: int = 0
     delivery: Delivery = field(default_factory=Delivery)
 
     def to_dict(self, now: float | None = None) -> dict[str, Any]:
@@ -117,6 +118,7 @@ class DeviceState:
             "profile": self.profile,
             "runtime": self.runtime,
             "models": self.models,
+            "loaded_models": self.loaded_models,
             "power_w": self.power_w,
             "power_source": self.power_source,
             "energy_per_inference_mj": self.energy_per_inference_mj,
@@ -126,6 +128,7 @@ class DeviceState:
             "interval_s": self.interval_s,
             "last_seen_s": None if self.last_seen is None else round(now - self.last_seen, 1),
             "metrics_received": self.metrics_received,
+            "events_received": self.events_received,
             "messages_lost": self.delivery.lost,
             "messages_dropped_by_agent": self.delivery.dropped_total - self.delivery.dropped_at_first,
             "duplicates": self.delivery.duplicates,
@@ -165,12 +168,14 @@ class FleetMonitor:
         rules: AlertRules | None = None,
         on_update: Callable[[DeviceState], None] | None = None,
         on_alert: Callable[[Alert], None] | None = None,
+        on_event: Callable[[DeviceState, dict[str, Any]], None] | None = None,
     ):
         self.config = config
         self.history = history
         self.alerts = AlertTracker(rules or AlertRules())
         self.on_update = on_update
         self.on_alert = on_alert
+        self.on_event = on_event
         self.devices: dict[str, DeviceState] = {}
         self.received = 0
         self.processed = 0
@@ -287,12 +292,16 @@ class FleetMonitor:
             device = self.devices.get(device_id)
             if device is None:
                 device = self.devices[device_id] = DeviceState(device_id=device_id, fleet=fleet)
+            events_before = device.events_received
             alerts = {"status": self._apply_status, "metrics": self._apply_metrics, "events": self._apply_event}[kind](
                 device, payload, received
             )
 
         if self.history is not None:
             self.history.add(device_id, fleet, kind, received, payload, raw)
+        # A QoS 1 redelivery of an event leaves the count unchanged and is not passed on.
+        if kind == "events" and self.on_event is not None and device.events_received > events_before:
+            self.on_event(device, payload)
         self._emit(device, alerts, received)
 
     def _apply_status(self, device: DeviceState, payload: dict[str, Any], received: float) -> list[Alert]:
@@ -335,8 +344,9 @@ class FleetMonitor:
 
     def _apply_event(self, device: DeviceState, payload: dict[str, Any], received: float) -> list[Alert]:
         seq = payload.get("seq")
-        if isinstance(seq, int):
-            device.delivery.record(payload.get("session"), seq, None)
+        if isinstance(seq, int) and not device.delivery.record(payload.get("session"), seq, None):
+            return []
+        device.events_received += 1
         device.last_seen = received
         log.info("event from %s: %s %s %s", device.device_id, payload.get("event"), payload.get("model") or "", payload.get("message", ""))
         return []

@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
@@ -20,51 +17,10 @@ import pytest
 import tritonclient.grpc as triton
 
 from agent_fixtures import free_port, make_classifier_bundle
+from fleet_processes import LineReader, device_lines, edgeopt_process, json_records, requests_seen, stop_processes
 from mqtt_broker import MosquittoBroker, find_mosquitto
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed: run 'sudo apt-get install mosquitto'")
-
-
-class LineReader:
-    """Collect a subprocess's standard output lines on a thread."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True)
-        self._thread.start()
-
-    def _read(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, predicate, timeout_s: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if predicate(line):
-                    return line
-            time.sleep(0.05)
-        raise AssertionError(f"no matching line within {timeout_s} s; last lines: {self.lines[-5:]}")
-
-
-def device_lines(reader: LineReader, device_id: str) -> list[dict]:
-    records = []
-    for line in list(reader.lines):
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("type") == "device" and record.get("device_id") == device_id:
-                records.append(record)
-    return records
-
-
-def requests_seen(reader: LineReader, device_id: str) -> int:
-    """Sum the per-interval request counts of distinct metrics messages."""
-    per_message = {}
-    for record in device_lines(reader, device_id):
-        model = record["models"].get("tiny")
-        if model and record["metrics_received"]:
-            per_message[record["metrics_received"]] = model["requests"]
-    return sum(per_message.values())
 
 
 def test_agent_broker_monitor_end_to_end(tmp_path):
@@ -72,27 +28,22 @@ def test_agent_broker_monitor_end_to_end(tmp_path):
     broker.start()
     bundle = make_classifier_bundle(tmp_path / "bundles")
     grpc_port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
-    monitor = subprocess.Popen(
-        [
-            sys.executable, "-m", "edgeopt", "fleet", "watch", "--broker", broker.url, "--fleet", "e2e", "--json",
-            "--no-history", "--client-id", "e2e-monitor", "--session-expiry", "300",
-        ],
-        stdout=subprocess.PIPE, text=True, env=env,
+    monitor = edgeopt_process(
+        "fleet", "watch", "--broker", broker.url, "--fleet", "e2e", "--json", "--no-history", "--client-id", "e2e-monitor", "--session-expiry", "300",
     )
-    agent = subprocess.Popen(
-        [
-            sys.executable, "-m", "edgeopt", "agent", "run", "--bundle", str(bundle), "--listen", f"127.0.0.1:{grpc_port}",
-            "--cache-dir", str(tmp_path / "cache"), "--broker", broker.url, "--fleet", "e2e", "--device-id", "e2e-agent",
-            "--metrics-interval", "0.5",
-        ],
-        stdout=subprocess.PIPE, text=True, env=env,
+    agent = edgeopt_process(
+        "agent", "run", "--bundle", str(bundle), "--listen", f"127.0.0.1:{grpc_port}", "--cache-dir", str(tmp_path / "cache"),
+        "--broker", broker.url, "--fleet", "e2e", "--device-id", "e2e-agent", "--metrics-interval", "0.5",
     )
     monitor_lines, agent_lines = LineReader(monitor), LineReader(agent)
     try:
         agent_lines.wait_for(lambda line: line.startswith("reporting to"), timeout_s=60)
         monitor_lines.wait_for(lambda line: '"device_id":"e2e-agent"' in line and '"status":"online"' in line)
+        monitor_lines.wait_for(lambda line: '"type":"event"' in line and '"event":"model_loaded"' in line)
+        loaded = next(r for r in json_records(monitor_lines, "event", "e2e-agent") if r["event"] == "model_loaded")
+        assert loaded["model"] == "tiny"
+        assert loaded["details"]["artifact"] == "model.onnx"
 
         x = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
         with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
@@ -102,9 +53,9 @@ def test_agent_broker_monitor_end_to_end(tmp_path):
                 client.infer("tiny", [tensor])
 
         deadline = time.monotonic() + 15
-        while requests_seen(monitor_lines, "e2e-agent") < 25 and time.monotonic() < deadline:
+        while requests_seen(monitor_lines, "e2e-agent", "tiny") < 25 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert requests_seen(monitor_lines, "e2e-agent") == 25
+        assert requests_seen(monitor_lines, "e2e-agent", "tiny") == 25
         latest = device_lines(monitor_lines, "e2e-agent")[-1]
         assert latest["profile"]
         assert "onnxruntime" in latest["runtime"]
@@ -128,11 +79,5 @@ def test_agent_broker_monitor_end_to_end(tmp_path):
         offline = monitor_lines.wait_for(lambda line: '"device_id":"e2e-agent"' in line and '"status":"offline"' in line)
         assert json.loads(offline)["reason"] == "connection lost"
     finally:
-        for process in (agent, monitor):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+        stop_processes(agent, monitor)
         broker.stop()
