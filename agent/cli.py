@@ -57,7 +57,7 @@ def agent() -> None:
 @click.option("--force", is_flag=True, help="Load bundles built for another device profile, with a warning.")
 @click.option("--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True, type=click.Path(file_okay=False), help="Directory for extracted bundles and TensorRT/CoreML engine caches.")
 @click.option("--max-concurrency", type=int, callback=_positive, help="Concurrent runs per model [default: sized from the CPU count].")
-@click.option("--intra-op-threads", type=int, callback=_positive, help="ONNX Runtime threads per run [default: sized from the CPU count].")
+@click.option("--intra-op-threads", type=int, callback=_positive, help="ONNX Runtime threads per run, and LiteRT threads where the profile sets no num_threads [default: sized from the CPU count].")
 @click.option("--max-queue", type=int, default=32, show_default=True, callback=_positive, help="Requests per model that may wait for a run before RESOURCE_EXHAUSTED.")
 @click.option("--max-message-mb", type=int, default=64, show_default=True, callback=_positive, help="Largest gRPC request or response, in MiB.")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds in-flight requests get to finish after SIGTERM.")
@@ -136,7 +136,7 @@ def run(bundles, repository, listen, force, cache_dir, max_concurrency, intra_op
 def probe(bundle, force, cache_dir) -> None:
     """Print this board's profile matches, runtimes and execution providers."""
     from edgeopt.agent.bundle import BundleError, open_bundle
-    from edgeopt.agent.selection import check_device, describe_runtimes, select_runtime
+    from edgeopt.agent.selection import check_device, describe_runtimes, provider_choice, recorded_chain_mismatch, select_runtime
     from edgeopt.devices.probe import match_profiles, probe_host
 
     facts = probe_host()
@@ -162,6 +162,13 @@ def probe(bundle, force, cache_dir) -> None:
         raise InputError(str(exc)) from None
 
     click.echo(f"chain      {' -> '.join(rt.label for rt in profile.runtimes)} ({profile.id})")
+    for runtime in profile.runtimes:
+        options = provider_choice(runtime, cache).options if runtime.kind == "onnxruntime" else runtime.options
+        if options:
+            click.echo(f"options    {runtime.label}: {', '.join(f'{key}={value}' for key, value in options.items())}")
+    mismatch = recorded_chain_mismatch(manifest, profile)
+    if mismatch:
+        click.echo(f"note       {mismatch}")
     for attempt in selection.attempts:
         click.echo(f"  {attempt.describe()}")
     click.echo(f"would use  {selection.backend.runtime} with {selection.artifact.path} ({selection.artifact.precision})")

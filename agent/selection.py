@@ -155,6 +155,19 @@ RUNTIME_KINDS: dict[str, RuntimeKind] = {
 }
 
 
+def recorded_chain_mismatch(manifest: Manifest, profile: DeviceProfile) -> str | None:
+    """Return how the runtime chain recorded in the bundle differs from this agent's profile, or None."""
+    recorded = manifest.raw.get("runtimes")
+    if recorded is None:
+        return None
+    current = [(rt.kind, rt.provider, dict(rt.options)) for rt in profile.runtimes]
+    built_for = [(entry.get("kind"), entry.get("provider"), dict(entry.get("options") or {})) for entry in recorded]
+    if built_for == current:
+        return None
+    labels = " -> ".join(str(provider or kind) for kind, provider, _ in built_for)
+    return f"bundle {manifest.name} was built for the runtime chain {labels} with other options than this agent's {profile.id} profile; the agent uses its profile"
+
+
 def runtime_unavailable_reason(runtime: RuntimeOption) -> str | None:
     """Return why ``runtime`` cannot run on this machine, or None when it can."""
     kind = RUNTIME_KINDS.get(runtime.kind)
@@ -268,6 +281,10 @@ def select_runtime(
     bundle_dir: Path, manifest: Manifest, profile: DeviceProfile, cache_dir: Path, intra_op_threads: int | None = None
 ) -> Selection:
     """Pick the first runtime and artifact that load and pass the self-test; raise LoadError if none does."""
+    mismatch = recorded_chain_mismatch(manifest, profile)
+    if mismatch:
+        log.warning(mismatch)
+
     selftest = SelfTest.load(bundle_dir, manifest.selftest) if manifest.selftest else None
     if selftest is None:
         log.warning("bundle %s has no self-test; the first artifact that loads is used unchecked", manifest.name)

@@ -277,3 +277,36 @@ def test_onnx_source_skips_tflite_candidates(digits, tmp_path):
     assert all("an ONNX source has none" in entry for entry in skipped)
     assert "## Candidates not built" in report
     assert "- tflite-fp32: LiteRT candidates are converted from the PyTorch module with litert-torch" in report
+
+
+def test_probe_shows_chain_options(tmp_path):
+    bundle = make_classifier_bundle(tmp_path, device="jetson-orin")
+    cache = tmp_path / "cache"
+
+    result = CliRunner().invoke(cli, ["agent", "probe", "--bundle", str(bundle), "--force", "--cache-dir", str(cache)])
+
+    assert result.exit_code == 0, result.output
+    assert "chain      TensorrtExecutionProvider -> CUDAExecutionProvider -> CPUExecutionProvider (jetson-orin)" in result.output
+    assert f"trt_engine_cache_path={cache / 'tensorrt'}" in result.output
+    assert "options    TensorrtExecutionProvider: trt_fp16_enable=True, trt_int8_enable=True" in result.output
+    assert "options    CUDAExecutionProvider: cudnn_conv_algo_search=HEURISTIC" in result.output
+    assert "skipped  TensorrtExecutionProvider: execution provider TensorrtExecutionProvider is not available" in result.output
+    assert "would use  onnxruntime" in result.output
+
+
+def test_recorded_chain_mismatch_is_reported(tmp_path):
+    from edgeopt.agent.selection import recorded_chain_mismatch
+
+    bundle = make_classifier_bundle(tmp_path, device="jetson-orin")
+    manifest = load_manifest(bundle)
+    profile = load_profile("jetson-orin")
+    same = [{"kind": rt.kind, "provider": rt.provider, "options": dict(rt.options)} for rt in profile.runtimes]
+    other = [dict(entry) for entry in same]
+    other[0] = dict(other[0], options={**other[0]["options"], "trt_int8_enable": False})
+
+    manifest.raw["runtimes"] = same
+    assert recorded_chain_mismatch(manifest, profile) is None
+    manifest.raw["runtimes"] = other
+    message = recorded_chain_mismatch(manifest, profile)
+    assert message.startswith("bundle tiny was built for the runtime chain TensorrtExecutionProvider -> CUDAExecutionProvider -> CPUExecutionProvider")
+    assert "the agent uses its profile" in message
