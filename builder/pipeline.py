@@ -1,6 +1,6 @@
 """The build: load -> export -> optimise -> quantize -> evaluate -> choose -> bundle.
 
-Everything is written in a temporary directory beside the output; only a finished,
+Everything is written in a temporary directory beside the output. Only a finished,
 verified bundle is renamed into place, so a failed build leaves nothing behind.
 """
 
@@ -116,6 +116,7 @@ class BuildContext:
     candidates: list[CandidateResult] = field(default_factory=list)
     winner: CandidateResult | None = None
     decision: list[str] = field(default_factory=list)
+    build_failures: dict[str, str] = field(default_factory=dict)
     # Candidates of the profile that were not built, as "id: reason".
     skipped: list[str] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
@@ -134,7 +135,7 @@ class BuildContext:
 
 @dataclass
 class BuildResult:
-    """Where the bundle and its report were written, and what was decided."""
+    """Paths of the written bundle and report, and the build context with the decision."""
 
     bundle_path: Path
     report_path: Path
@@ -273,36 +274,46 @@ def _build_candidates(context: BuildContext, progress: Progress) -> None:
     candidate_dir.mkdir()
     tflite_float = _TfliteFloatModel(candidate_dir / "litert-float.tflite")
     for candidate in context.profile.candidates:
-        if candidate.format == "tflite":
-            _build_tflite_candidate(context, candidate, tflite_float, progress)
-            continue
+        try:
+            if candidate.format == "tflite":
+                _build_tflite_candidate(context, candidate, tflite_float, progress)
+            else:
+                _build_onnx_candidate(context, candidate, fp32_path, prepared, candidate_dir, progress)
+        except BuildInputError:
+            raise
+        except Exception as exc:  # a quantizer or converter bug costs one candidate, not the build
+            log.error("candidate %s could not be built: %s: %s", candidate.id, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            context.build_failures[candidate.id] = f"{type(exc).__name__}: {exc}"
 
-        settings = QuantizationSettings(candidate)
-        path = candidate_dir / f"{candidate.id}.onnx"
-        with progress.step(f"building and evaluating {candidate.id}"):
-            build_candidate(settings, fp32_path, prepared, path, context.calibration)
-            result = _evaluate(context, candidate.id, candidate.precision, path, settings.to_recipe(), [])
-        context.candidates.append(result)
 
-        if result.passed or candidate.method != "static":
-            continue
+def _build_onnx_candidate(context: BuildContext, candidate: QuantCandidate, fp32_path: Path, prepared: Path, candidate_dir: Path, progress: Progress) -> None:
+    """Build and evaluate one ONNX candidate; retry a failing static INT8 one with sensitive nodes in float."""
+    settings = QuantizationSettings(candidate)
+    path = candidate_dir / f"{candidate.id}.onnx"
+    with progress.step(f"building and evaluating {candidate.id}"):
+        build_candidate(settings, fp32_path, prepared, path, context.calibration)
+        result = _evaluate(context, candidate.id, candidate.precision, path, settings.to_recipe(), [])
+    context.candidates.append(result)
 
-        with progress.step(f"ranking per-node sensitivity of {candidate.id}"):
-            ranked = rank_sensitive_nodes(prepared, path, context.evaluation, limit=SENSITIVITY_SAMPLES)
-        result.notes.append(f"Per-node sensitivity: worst activation {ranked[0].tensor} at {ranked[0].sqnr_db:.1f} dB SQNR." if ranked else "")
-        for excluded in exclusion_steps(ranked, EXCLUSION_FRACTIONS):
-            retry_id = f"{candidate.id}-keep{len(excluded)}"
-            retry_settings = QuantizationSettings(candidate, nodes_to_exclude=excluded)
-            retry_path = candidate_dir / f"{retry_id}.onnx"
-            with progress.step(f"retrying {candidate.id} with {len(excluded)} sensitive nodes in float"):
-                build_candidate(retry_settings, fp32_path, prepared, retry_path, context.calibration)
-                retry = _evaluate(
-                    context, retry_id, candidate.precision, retry_path, retry_settings.to_recipe(),
-                    [f"{candidate.id} with the {len(excluded)} most sensitive nodes kept in float."],
-                )
-            context.candidates.append(retry)
-            if retry.passed:
-                break
+    if result.passed or candidate.method != "static":
+        return
+
+    with progress.step(f"ranking per-node sensitivity of {candidate.id}"):
+        ranked = rank_sensitive_nodes(prepared, path, context.evaluation, limit=SENSITIVITY_SAMPLES)
+    result.notes.append(f"Per-node sensitivity: worst activation {ranked[0].tensor} at {ranked[0].sqnr_db:.1f} dB SQNR." if ranked else "")
+    for excluded in exclusion_steps(ranked, EXCLUSION_FRACTIONS):
+        retry_id = f"{candidate.id}-keep{len(excluded)}"
+        retry_settings = QuantizationSettings(candidate, nodes_to_exclude=excluded)
+        retry_path = candidate_dir / f"{retry_id}.onnx"
+        with progress.step(f"retrying {candidate.id} with {len(excluded)} sensitive nodes in float"):
+            build_candidate(retry_settings, fp32_path, prepared, retry_path, context.calibration)
+            retry = _evaluate(
+                context, retry_id, candidate.precision, retry_path, retry_settings.to_recipe(),
+                [f"{candidate.id} with the {len(excluded)} most sensitive nodes kept in float."],
+            )
+        context.candidates.append(retry)
+        if retry.passed:
+            break
 
 
 # --- LiteRT candidates ------------------------------------------------------------------

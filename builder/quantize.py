@@ -57,6 +57,15 @@ class DatasetReader:
         return batch
 
 
+def _even_batch_size(count: int, largest: int = CALIBRATION_BATCH) -> int:
+    """Return the largest batch size up to ``largest`` that divides ``count``.
+
+    ONNX Runtime's histogram calibrators (entropy, percentile) stack the outputs of all
+    batches into one array, which fails when the last batch is shorter.
+    """
+    return next(size for size in range(min(largest, count), 0, -1) if count % size == 0)
+
+
 _QUANT_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -152,7 +161,7 @@ def build_candidate(settings: QuantizationSettings, fp32_path: Path, prepared_pa
         _quantize_static(
             str(prepared_path),
             str(destination),
-            DatasetReader(calibration),
+            DatasetReader(calibration, batch_size=_even_batch_size(len(calibration))),
             quant_format=QuantFormat.QDQ if candidate.quant_format == "QDQ" else QuantFormat.QOperator,
             per_channel=candidate.per_channel,
             reduce_range=candidate.reduce_range,

@@ -86,6 +86,11 @@ def render_report(context: "BuildContext") -> str:
         lines += [f"- {entry}" for entry in context.skipped]
         lines.append("")
 
+    if context.build_failures:
+        lines += ["## Candidates that could not be built (not shipped)", ""]
+        lines += [f"- `{candidate_id}`: {error}" for candidate_id, error in context.build_failures.items()]
+        lines.append("")
+
     lines += ["## Artifacts in the bundle", ""]
     candidates = {c.id: c for c in context.candidates}
     for artifact in context.artifacts:

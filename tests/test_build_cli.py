@@ -189,3 +189,17 @@ def test_gate_boundary():
     fidelity = Fidelity(samples=100, metric="top1_agreement", score=0.99)
     assert Gate(0.01).passes(fidelity)
     assert not Gate(0.009).passes(fidelity)
+
+
+def test_percentile_calibration_with_prime_sample_count(tmp_path, digits_data):
+    from tiny_cnn import digits_arrays
+
+    x, _ = digits_arrays()
+    calib = tmp_path / "calib61.npy"
+    np.save(calib, x[1000:1061])
+    out = tmp_path / "b.tar"
+    result = CliRunner().invoke(cli, ["build", "--device", "x86-avx2", "--model", TINY_SPEC, "--calib", str(calib), "--eval", str(digits_data["eval"]), "--out", str(out), "--latency-runs", "5"])
+    assert result.exit_code == 0, result.output
+    _, manifest = open_bundle(out, tmp_path / "x")
+    assert "int8-u8s8-rr-percentile" in manifest.raw["metrics"]["candidates"]
+    assert manifest.raw["recipe"]["calibration"]["samples"] == 61
