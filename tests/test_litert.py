@@ -244,3 +244,19 @@ def test_static_without_calibration(lite0, tmp_path):
     with pytest.raises(litert.TfliteBuildError) as info:
         litert.quantize_tflite(lite0["fp32"], "static", None, tmp_path / "x.tflite")
     assert "needs calibration data" in str(info.value)
+
+
+def test_agent_litert_imports_no_torch(lite0):
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from edgeopt.agent.backends import LiteRtBackend\n"
+        "import edgeopt.agent.selection\n"
+        f"LiteRtBackend({str(lite0['fp32'])!r}).close()\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'jax', 'litert_torch') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
