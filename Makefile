@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= builder,agent,fleet,examples,test
+EXTRAS ?= builder,agent,fleet,examples,test,litert,tflite-build
 # A local CPU wheel of this version is on the build machines; other versions pull CUDA builds.
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=

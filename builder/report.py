@@ -107,10 +107,12 @@ def render_report(context: "BuildContext") -> str:
             f"This build host ({context.host_description}) is not a {context.profile.id}: host latency ranks the candidates "
             "relative to each other only and does not predict latency on the board."
         )
-    if any(c.precision == "int8" for c in context.candidates):
+    int8_formats = sorted({c.format for c in context.candidates if c.precision == "int8"})
+    if int8_formats:
+        runtimes = " and ".join({"onnx": "ONNX Runtime CPU", "tflite": "LiteRT XNNPACK"}.get(f, f) for f in int8_formats)
         notes.append(
-            "INT8 fidelity was measured with the ONNX Runtime CPU kernels of this host "
-            f"({context.host_description}); another CPU's or an accelerator's INT8 kernels can round differently."
+            f"INT8 fidelity was measured with the {runtimes} kernels of this host "
+            f"({context.host_description}). Another CPU's or an accelerator's INT8 kernels can round differently."
         )
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
