@@ -1,9 +1,9 @@
 """Prune, distill and quantize the digits CNN side by side, in one run.
 
-Candidates: the FP32 teacher; 50 % channel pruning with no retraining; 50 % pruning fine-tuned on
-labels (no teacher); 50 % pruning + knowledge distillation (KD); that KD student quantized with
-ONNX Runtime static INT8 PTQ; and the KD student after quantization-aware training with
-labels only (QAT) or with the teacher (QAD).
+Candidates are the FP32 teacher and four kinds of 50 % channel pruning: with no retraining,
+fine-tuned on labels without a teacher, and with knowledge distillation (KD). The KD student is
+then quantized three ways: ONNX Runtime static INT8 PTQ, quantization-aware training on labels
+(QAT) and quantization-aware distillation from the teacher (QAD).
 
 Every candidate is exported to ONNX and measured the same way: top-1 accuracy on the fixed
 360-image test split and agreement with the teacher (ONNX Runtime, CPU), MACs and parameters

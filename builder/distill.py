@@ -12,6 +12,7 @@ epochs without a better score.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -27,6 +28,8 @@ from torch.nn import functional as F
 from edgeopt.builder.traindata import TrainData
 
 log = logging.getLogger(__name__)
+
+LOSS_TIE_TOLERANCE = 1e-4
 
 
 class DistillError(ValueError):
@@ -117,9 +120,15 @@ def distill(
     val: TrainData,
     config: DistillConfig | None = None,
     on_epoch_start: Callable[[int, nn.Module], None] | None = None,
+    progress_bar=None,
 ) -> DistillResult:
-    """Train ``student`` to match ``teacher`` on ``train``; return it with the best validation state restored."""
-    return _train(student, teacher, train, val, config or DistillConfig(), on_epoch_start, "distill")
+    """Train ``student`` to match ``teacher`` on ``train``; return it with the best validation state restored.
+
+    ``progress_bar`` is a running ``rich.progress.Progress`` to add a task to, for callers that
+    already show one (rich allows one live display at a time). Without it, and with
+    ``config.progress`` set, training shows its own bar with loss and ETA.
+    """
+    return _train(student, teacher, train, val, config or DistillConfig(), on_epoch_start, "distill", progress_bar)
 
 
 def finetune(
@@ -128,11 +137,12 @@ def finetune(
     val: TrainData,
     config: DistillConfig | None = None,
     on_epoch_start: Callable[[int, nn.Module], None] | None = None,
+    progress_bar=None,
 ) -> DistillResult:
-    """Fine-tune ``model`` on labeled data with cross-entropy only (no teacher)."""
+    """Fine-tune ``model`` on labeled data with cross-entropy only (no teacher); ``progress_bar`` as in :func:`distill`."""
     if not train.labeled or not val.labeled:
         raise DistillError("fine-tuning without a teacher needs labeled training and validation data (y)")
-    return _train(model, None, train, val, config or DistillConfig(), on_epoch_start, "finetune")
+    return _train(model, None, train, val, config or DistillConfig(), on_epoch_start, "finetune", progress_bar)
 
 
 class _FeatureTaps:
@@ -211,7 +221,7 @@ def _progress(enabled: bool):
     )
 
 
-def _train(student, teacher, train, val, config, on_epoch_start, mode) -> DistillResult:
+def _train(student, teacher, train, val, config, on_epoch_start, mode, progress_bar=None) -> DistillResult:
     config.validate()
     if len(train) == 0 or len(val) == 0:
         raise DistillError("training and validation data must both hold samples")
@@ -244,20 +254,23 @@ def _train(student, teacher, train, val, config, on_epoch_start, mode) -> Distil
     log.info("%s started: %d train / %d validation samples, %d epochs", mode, len(train), len(val), config.epochs)
 
     try:
-        with _progress(config.progress) as progress:
+        external = progress_bar is not None
+        with contextlib.nullcontext(progress_bar) if external else _progress(config.progress) as progress:
             task = progress.add_task(mode, total=config.epochs * len(train_loader), loss="-", val="")
             for epoch in range(1, config.epochs + 1):
                 started = time.perf_counter()
                 if on_epoch_start is not None:
                     on_epoch_start(epoch, student)
-                train_loss = _train_epoch(student, teacher, taps, train_loader, optimizer, scheduler, config, device, progress, task, epoch)
+                train_loss = _train_epoch(student, teacher, taps, train_loader, optimizer, scheduler, config, device, progress, task, epoch, mode, external)
                 val_loss, val_score = _evaluate(student, teacher, val_loader, config, device)
                 record = EpochRecord(epoch, train_loss, val_loss, val_score, time.perf_counter() - started)
                 history.append(record)
                 progress.update(task, val=f"val {score_name} {val_score:.4f} (epoch {epoch})")
                 log.info("%s epoch %d: train loss %.4f, val loss %.4f, val %s %.4f", mode, epoch, train_loss, val_loss, score_name, val_score)
 
-                if val_score > best_score or (val_score == best_score and val_loss < best_loss):
+                # At equal score a lower validation loss counts as better only when it is lower by
+                # more than LOSS_TIE_TOLERANCE, so float noise does not reset the patience.
+                if val_score > best_score or (val_score == best_score and val_loss < best_loss * (1 - LOSS_TIE_TOLERANCE)):
                     best_state = copy.deepcopy(student.state_dict())
                     best_score, best_loss, best_epoch = val_score, val_loss, epoch
                 elif epoch - best_epoch >= config.patience:
@@ -286,7 +299,7 @@ def _batch_loss(student, teacher, taps, x, y, config):
     return logits, loss
 
 
-def _train_epoch(student, teacher, taps, loader, optimizer, scheduler, config, device, progress, task, epoch) -> float:
+def _train_epoch(student, teacher, taps, loader, optimizer, scheduler, config, device, progress, task, epoch, mode, external) -> float:
     student.train()
     if config.freeze_batchnorm:
         for module in student.modules():
@@ -303,7 +316,11 @@ def _train_epoch(student, teacher, taps, loader, optimizer, scheduler, config, d
         scheduler.step()
         total += float(loss.detach()) * len(x)
         count += len(x)
-        progress.update(task, advance=1, loss=f"{total / count:.4f}", description=f"epoch {epoch}/{config.epochs}")
+        description = f"{mode} epoch {epoch}/{config.epochs}"
+        if external:
+            # The caller's columns do not show the loss field, so the description carries it.
+            description += f", loss {total / count:.4f}"
+        progress.update(task, advance=1, loss=f"{total / count:.4f}", description=description)
     return total / max(count, 1)
 
 

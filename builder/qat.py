@@ -115,8 +115,12 @@ def train_qat(
     val: TrainData,
     config: QatConfig,
     teacher: nn.Module | None = None,
+    progress_bar=None,
 ) -> DistillResult:
-    """Train a prepared model: quantization-aware distillation with ``teacher``, else plain QAT on labels."""
+    """Train a prepared model: quantization-aware distillation with ``teacher``, else plain QAT on labels.
+
+    ``progress_bar`` is an already running ``rich.progress.Progress`` to report into, as in ``distill``.
+    """
     from torch.ao.quantization import disable_observer, enable_observer
 
     def on_epoch_start(epoch: int, model: nn.Module) -> None:
@@ -126,8 +130,8 @@ def train_qat(
             model.apply(enable_observer)
 
     if teacher is not None:
-        return distill(prepared, teacher, train, val, config.train, on_epoch_start=on_epoch_start)
-    return finetune(prepared, train, val, config.train, on_epoch_start=on_epoch_start)
+        return distill(prepared, teacher, train, val, config.train, on_epoch_start=on_epoch_start, progress_bar=progress_bar)
+    return finetune(prepared, train, val, config.train, on_epoch_start=on_epoch_start, progress_bar=progress_bar)
 
 
 def export_qdq_onnx(

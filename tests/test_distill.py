@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 from pathlib import Path
@@ -24,6 +25,12 @@ from edgeopt.builder.traindata import TrainData  # noqa: E402
 @pytest.fixture(scope="module")
 def digits() -> dict[str, TrainData]:
     return {name: TrainData(x, y) for name, (x, y) in load_split().items()}
+
+
+@pytest.fixture(scope="module")
+def small(digits) -> TrainData:
+    """The first 256 training images, for tests that check training mechanics, not accuracy."""
+    return digits["train"].subset(np.arange(256))
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +83,12 @@ def test_distillation_loss_falls(teacher, digits):
     assert result.best_score == max(record.val_score for record in result.history)
 
 
-def test_same_seed_same_history(teacher, digits):
+def test_same_seed_same_history(teacher, digits, small):
     config = DistillConfig(epochs=2, lr=2e-3, seed=3, progress=False)
     runs = []
     for _ in range(2):
         student = prune_model(teacher, torch.zeros(1, 1, 8, 8), ratio=0.5).model
-        runs.append([record.train_loss for record in distill(student, teacher, digits["train"], digits["val"], config).history])
+        runs.append([record.train_loss for record in distill(student, teacher, small, digits["val"], config).history])
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
 
 
@@ -92,8 +99,8 @@ def test_best_checkpoint_restored(teacher, digits):
     assert accuracy(result.student, digits["val"]) == pytest.approx(result.best_score)
 
 
-def test_unlabeled_scores_agreement(teacher, digits):
-    unlabeled = {name: TrainData(digits[name].x) for name in ("train", "val")}
+def test_unlabeled_scores_agreement(teacher, digits, small):
+    unlabeled = {name: TrainData(data.x) for name, data in (("train", small), ("val", digits["val"]))}
     student = prune_model(teacher, torch.zeros(1, 1, 8, 8), ratio=0.5).model
 
     result = distill(student, teacher, unlabeled["train"], unlabeled["val"], DistillConfig(epochs=2, progress=False))
@@ -103,11 +110,11 @@ def test_unlabeled_scores_agreement(teacher, digits):
     assert result.history[-1].train_loss < result.history[0].train_loss
 
 
-def test_feature_loss_trains(teacher, digits):
+def test_feature_loss_trains(teacher, digits, small):
     student = prune_model(teacher, torch.zeros(1, 1, 8, 8), ratio=0.5).model
     config = DistillConfig(epochs=2, feature_weight=1.0, feature_layers=(("8", "8"),), progress=False)
 
-    result = distill(student, teacher, digits["train"], digits["val"], config)
+    result = distill(student, teacher, small, digits["val"], config)
 
     assert all(math.isfinite(record.train_loss) for record in result.history)
     assert not student[8]._forward_hooks
@@ -119,11 +126,11 @@ def test_feature_layer_must_exist(teacher, digits):
         distill(digits_cnn(width=8), teacher, digits["train"], digits["val"], config)
 
 
-def test_early_stopping_after_patience(teacher, digits):
+def test_early_stopping_after_patience(teacher, digits, small):
     student = prune_model(teacher, torch.zeros(1, 1, 8, 8), ratio=0.5).model
-    config = DistillConfig(epochs=10, lr=1e-12, patience=2, progress=False)
+    config = DistillConfig(epochs=10, lr=1e-12, patience=2, freeze_batchnorm=True, progress=False)
 
-    result = distill(student, teacher, digits["train"], digits["val"], config)
+    result = distill(student, teacher, small, digits["val"], config)
 
     assert result.stopped_early
     assert len(result.history) < 10
@@ -157,10 +164,24 @@ def test_split_fixed_and_stratified(digits):
     assert np.bincount(digits["test"].y).min() >= 35
 
 
-def test_freeze_batchnorm_keeps_statistics(teacher, digits):
+def test_freeze_batchnorm_keeps_statistics(teacher, digits, small):
     student = prune_model(teacher, torch.zeros(1, 1, 8, 8), ratio=0.5).model
     before = student[1].running_mean.clone()
 
-    distill(student, teacher, digits["train"], digits["val"], DistillConfig(epochs=1, freeze_batchnorm=True, progress=False))
+    distill(student, teacher, small, digits["val"], DistillConfig(epochs=1, freeze_batchnorm=True, progress=False))
 
     torch.testing.assert_close(student[1].running_mean, before)
+
+
+def test_reports_into_running_progress(teacher, digits, small):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    student = prune_model(teacher, torch.zeros(1, 1, 8, 8), ratio=0.5).model
+    console = Console(file=io.StringIO(), force_terminal=False)
+    with Progress(console=console) as progress:
+        distill(student, teacher, small, digits["val"], DistillConfig(epochs=1, progress=True), progress_bar=progress)
+        (task,) = progress.tasks
+
+    assert task.completed == task.total
+    assert task.description.startswith("distill epoch 1/1, loss ")
