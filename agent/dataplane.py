@@ -223,19 +223,19 @@ class DataPlaneListener:
     """
 
     def on_loaded(self, model: LoadedModel) -> None:
-        """A model version now serves requests."""
+        """Handle a model version that now serves requests."""
 
     def on_unloaded(self, model: LoadedModel, reason: str) -> None:
-        """A model version stopped serving; ``reason`` is "unloaded", "replaced" or "shutdown"."""
+        """Handle a model version that stopped serving; ``reason`` is "unloaded", "replaced" or "shutdown"."""
 
     def on_load_failed(self, path: Path, error: Exception) -> None:
-        """Loading the bundle at ``path`` failed; nothing was changed."""
+        """Handle a failed load of the bundle at ``path``, which left the served models unchanged."""
 
     def on_runtime_fallback(self, model: LoadedModel, skipped: list[Attempt]) -> None:
-        """A model loaded after earlier candidates of the runtime chain were skipped."""
+        """Handle a model that loaded after earlier candidates of the runtime chain were skipped."""
 
     def on_inference_error(self, model: LoadedModel, error: Exception, suppressed: int) -> None:
-        """A valid request failed inside the agent or runtime.
+        """Handle a valid request that failed inside the agent or runtime.
 
         Client mistakes (invalid input, unknown model) and overload are not reported here.
         ``suppressed`` counts the failures of this model held back by rate limiting since
