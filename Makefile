@@ -20,11 +20,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-# mosquitto is the MQTT broker the telemetry tests start on loopback.
+# mosquitto is the MQTT broker the telemetry tests start on loopback; openssl makes the
+# certificates of the MQTT-over-TLS test.
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; \
-		else echo "mosquitto is missing: run 'sudo apt-get install mosquitto'"; exit 1; fi; }
+	@missing=""; \
+	{ command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 || missing="$$missing mosquitto"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "missing system packages:$$missing; run 'sudo apt-get install$$missing'"; exit 1; fi; \
+	fi
 
 demo: setup system-deps
 	$(BIN)/python examples/demo.py
