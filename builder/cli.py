@@ -40,6 +40,25 @@ def _parse_shape(value: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def _parse_feature_layer(value: str) -> tuple[str, str]:
+    student, sep, teacher = value.partition("=")
+    student, teacher = student.strip(), (teacher.strip() if sep else student.strip())
+    if not student or not teacher:
+        raise InputError(f"--feature-layer {value!r} is invalid: give STUDENT=TEACHER module names, e.g. 7=7, or one name used for both")
+    return student, teacher
+
+
+def _student_input_errors() -> tuple[type[Exception], ...]:
+    """Return the exception types that mean bad input: build options, data, pruning, training or QAT settings."""
+    from edgeopt.builder.distill import DistillError
+    from edgeopt.builder.errors import BuildInputError
+    from edgeopt.builder.prune import PruneError
+    from edgeopt.builder.qat import QatError
+    from edgeopt.builder.traindata import TrainDataError
+
+    return (BuildInputError, PruneError, DistillError, TrainDataError, QatError)
+
+
 class RichProgress:
     """Build progress on stderr: a spinner per step and the elapsed time."""
 
@@ -88,12 +107,35 @@ class RichProgress:
 @click.option("--labels", type=click.Path(path_type=Path), help="Text file of class names, one per line, shipped in the bundle.")
 @click.option("--no-fallback", is_flag=True, help="Ship only the winner, without the FP32 fallback artifact.")
 @click.option("--latency-runs", type=click.IntRange(5, 10_000), default=50, show_default=True, help="Timed runs per candidate for host latency.")
-def build(device, model_spec, calib, evaluation, input_shape, out, max_fidelity_drop, name, bundle_version, image_size, mean, std, layout, labels, no_fallback, latency_runs):
+@click.option("--prune", "prune_ratio", type=float, help="Structured pruning: fraction of output channels removed per layer group, in (0, 1), e.g. 0.5. Adds pruned candidates.")
+@click.option("--target-macs", type=int, help="Structured pruning until one sample needs at most N multiply-accumulates (conv and linear layers); instead of --prune.")
+@click.option("--prune-importance", type=click.Choice(["l1", "l2", "taylor"]), default="l2", show_default=True, help="Channel importance: weight L1 or L2 norm, or first-order Taylor (needs --train-data).")
+@click.option("--prune-keep", multiple=True, metavar="NAME", help="Module name whose output channels are not pruned (repeatable); the layer producing the model output is always kept.")
+@click.option("--prune-round-to", type=click.IntRange(1, None), help="Keep pruned channel counts at multiples of N, e.g. 8 for SIMD-friendly widths [default: no rounding].")
+@click.option("--distill", is_flag=True, help="Train the pruned model (or the --qat model) against the source model's softened logits (knowledge distillation).")
+@click.option("--train-data", type=click.Path(path_type=Path), help="Training data for --distill, --qat and pruning fine-tuning: .npz with x (model-ready inputs) and optional y (class indexes), or an image folder (one subfolder per class, or flat for unlabeled).")
+@click.option("--epochs", type=click.IntRange(1, None), default=30, show_default=True, help="Maximum training epochs of distillation, fine-tuning and --qat each.")
+@click.option("--lr", type=click.FloatRange(0, None, min_open=True), default=1e-3, show_default=True, help="AdamW learning rate (cosine decay); --qat trains at a tenth of it.")
+@click.option("--batch-size", type=click.IntRange(1, None), default=64, show_default=True, help="Training batch size in samples.")
+@click.option("--patience", type=click.IntRange(1, None), default=5, show_default=True, help="Stop training after this many epochs without a better validation score; the best epoch is kept.")
+@click.option("--temperature", type=click.FloatRange(0, None, min_open=True), default=4.0, show_default=True, help="Distillation temperature T that softens both models' logits.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="Weight of the KL distillation term; 1 - alpha weights cross-entropy on labels.")
+@click.option("--feature-loss", "feature_weight", type=click.FloatRange(0, None), default=0.0, show_default=True, help="Weight of the intermediate-feature MSE loss (needs --feature-layer).")
+@click.option("--feature-layer", "feature_layers", multiple=True, metavar="S=T", help="Student module S matched to teacher module T for the feature loss (repeatable); S alone uses the same name on both.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of --train-data held out for validation, early stopping and best-epoch choice.")
+@click.option("--qat", is_flag=True, help="Add an INT8 candidate from quantization-aware training (fake quantization, QDQ export); with --distill it is quantization-aware distillation.")
+def build(
+    device, model_spec, calib, evaluation, input_shape, out, max_fidelity_drop, name, bundle_version, image_size, mean, std, layout, labels, no_fallback, latency_runs,
+    prune_ratio, target_macs, prune_importance, prune_keep, prune_round_to, distill, train_data, epochs, lr, batch_size, patience, temperature, alpha,
+    feature_weight, feature_layers, val_fraction, qat,
+):
     """Build a verified bundle of MODEL for DEVICE: export, quantize, evaluate, choose, pack."""
     from edgeopt.builder.data import Preprocess
     from edgeopt.builder.errors import BuildInputError, GateError
+    from edgeopt.builder.modelspec import parse_model_spec
     from edgeopt.builder.pipeline import BuildOptions, build as run_build
     from edgeopt.builder.report import summary_lines
+    from edgeopt.builder.student import StudentOptions, check_source
 
     preprocess = None
     if image_size or mean or std or layout:
@@ -111,6 +153,32 @@ def build(device, model_spec, calib, evaluation, input_shape, out, max_fidelity_
         except BuildInputError as exc:
             raise InputError(str(exc)) from None
 
+    student = StudentOptions(
+        prune_ratio=prune_ratio,
+        target_macs=target_macs,
+        importance=prune_importance,
+        keep=tuple(prune_keep),
+        round_to=prune_round_to,
+        distill=distill,
+        qat=qat,
+        train_data=train_data,
+        val_fraction=val_fraction,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        patience=patience,
+        temperature=temperature,
+        alpha=alpha,
+        feature_weight=feature_weight,
+        feature_layers=tuple(_parse_feature_layer(value) for value in feature_layers),
+    )
+    try:
+        student.check()
+        if student.enabled:
+            check_source(parse_model_spec(model_spec))
+    except BuildInputError as exc:
+        raise InputError(str(exc)) from None
+
     options = BuildOptions(
         device=device,
         model=model_spec,
@@ -125,11 +193,12 @@ def build(device, model_spec, calib, evaluation, input_shape, out, max_fidelity_
         labels=labels,
         fallback=not no_fallback,
         latency_runs=latency_runs,
+        student=student if student.enabled else None,
     )
     try:
         with RichProgress() as progress:
             result = run_build(options, progress)
-    except BuildInputError as exc:
+    except _student_input_errors() as exc:
         raise InputError(str(exc)) from None
     except GateError as exc:
         raise click.ClickException(str(exc)) from None

@@ -27,9 +27,11 @@ from edgeopt.builder import litert
 from edgeopt.builder.data import Dataset, Preprocess, check_input_shapes, load_dataset, split_calibration_evaluation
 from edgeopt.builder.errors import BuildInputError, GateError
 from edgeopt.builder.evaluate import Fidelity, Gate, compare_outputs, is_classifier_output, run_backend, run_torch
+from edgeopt.builder.macs import MacCountError, count_onnx_cost
 from edgeopt.builder.modelspec import SourceModel, load_source_model, parse_model_spec
 from edgeopt.builder.quantize import QuantizationSettings, build_candidate, exclusion_steps, prepare_for_quantization, rank_sensitive_nodes
-from edgeopt.builder.report import render_report
+from edgeopt.builder.report import pareto_plot_path, render_report, write_pareto_plot
+from edgeopt.builder.student import StudentOptions, add_student_candidates
 from edgeopt.devices.probe import detect_profile, probe_host
 from edgeopt.devices.profiles import DeviceProfile, ProfileError, QuantCandidate, load_profile
 
@@ -62,6 +64,7 @@ class BuildOptions:
     fallback: bool = True
     latency_runs: int = 50
     threads: int | None = None
+    student: StudentOptions | None = None
 
 
 @dataclass
@@ -82,6 +85,11 @@ class CandidateResult:
     validated_on_host: bool = True
     # The runtime that evaluated and timed this candidate on the build host.
     validated_with: str = ""
+    # Counted on the ONNX graph for one sample, or None for other formats.
+    macs: int | None = None
+    parameters: int | None = None
+    # Student stages this candidate went through: "prune", "distillation", "qat" recipes.
+    stages: dict = field(default_factory=dict)
 
 
 class Progress:
@@ -124,6 +132,8 @@ class BuildContext:
     host_description: str = ""
     host_representative: bool = False
     latency_method: str = ""
+    # Link from the report to the Pareto plot beside it, None when no plot is written.
+    pareto_link: str | None = None
 
     @property
     def gate_metric_label(self) -> str:
@@ -236,8 +246,13 @@ def _evaluate(
     latency = measure_latency(backend, context.evaluation.batch(0, 1), runs=context.options.latency_runs)
     backend.close()
     size = path.stat().st_size
+    cost = None
     if artifact_format == "onnx":
         size += sum(p.stat().st_size for p in exporting.external_data_files(path))
+        try:
+            cost = count_onnx_cost(path)
+        except MacCountError as exc:
+            log.warning("candidate %s: MACs not counted: %s", candidate_id, exc)
     result = CandidateResult(
         id=candidate_id,
         precision=precision,
@@ -251,6 +266,8 @@ def _evaluate(
         notes=notes,
         outputs=outputs,
         validated_with=backend.runtime,
+        macs=cost.macs_per_sample if cost else None,
+        parameters=cost.parameters if cost else None,
     )
     log.info(
         "candidate %s: %s %.4f (drop %.4f, gate %s), host p50 %.2f ms, %d bytes",
@@ -531,6 +548,9 @@ def _assemble_bundle(context: BuildContext, bundle_dir: Path, labels: list[str] 
                 "gate_passed": c.passed,
                 "latency": c.latency.to_dict() if c.latency else None,
                 "runtime": c.validated_with,
+                "macs": c.macs,
+                "parameters": c.parameters,
+                "stages": list(c.stages),
             }
             for c in context.candidates
         },
@@ -554,8 +574,8 @@ def _assemble_bundle(context: BuildContext, bundle_dir: Path, labels: list[str] 
         "artifacts": [a.to_dict() for a in context.artifacts],
         "runtimes": _runtime_entries(context.profile),
         "recipe": {
-            "prune": None,
-            "distillation": None,
+            "prune": context.winner.stages.get("prune"),
+            "distillation": context.winner.stages.get("distillation"),
             "quantization": context.winner.recipe,
             "max_fidelity_drop": context.gate.max_drop,
             "calibration": {"source": context.calibration.source, "samples": len(context.calibration)},
@@ -627,17 +647,24 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             _reference_outputs(context)
             _measure_source_latency(context)
 
+        add_student_candidates(context, progress)
         _build_candidates(context, progress)
         _choose_winner(context)
 
         labels = _resolve_labels(options, source)
+        report_path = out.with_name(out.name.removesuffix(".tar") + ".report.md") if out.suffix == ".tar" else out / "report.md"
+        plot_path = pareto_plot_path(out, report_path)
+        temporary_plot = write_pareto_plot(context, staging / plot_path.name)
+        if temporary_plot is not None:
+            context.pareto_link = os.path.relpath(plot_path, report_path.parent)
         with progress.step("writing and verifying the bundle"):
             bundle_dir = staging / "bundle" / f"{name}-{profile.id}"
             _assemble_bundle(context, bundle_dir, labels)
             report_text = (bundle_dir / "report.md").read_text(encoding="utf-8")
             _publish(staging, bundle_dir, out)
 
-        report_path = out.with_name(out.name.removesuffix(".tar") + ".report.md") if out.suffix == ".tar" else out / "report.md"
+        if temporary_plot is not None:
+            os.replace(temporary_plot, plot_path)
         if out.suffix == ".tar":
             temporary_report = staging / "report.md"
             temporary_report.write_text(report_text, encoding="utf-8")
