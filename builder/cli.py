@@ -122,12 +122,13 @@ class RichProgress:
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="Weight of the KL distillation term; 1 - alpha weights cross-entropy on labels.")
 @click.option("--feature-loss", "feature_weight", type=click.FloatRange(0, None), default=0.0, show_default=True, help="Weight of the intermediate-feature MSE loss (needs --feature-layer).")
 @click.option("--feature-layer", "feature_layers", multiple=True, metavar="S=T", help="Student module S matched to teacher module T for the feature loss (repeatable); S alone uses the same name on both.")
+@click.option("--freeze-batchnorm", is_flag=True, help="Keep BatchNorm running statistics fixed while training, for small or narrow --train-data such as a few hundred crops.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of --train-data held out for validation, early stopping and best-epoch choice.")
 @click.option("--qat", is_flag=True, help="Add an INT8 candidate from quantization-aware training (fake quantization, QDQ export); with --distill it is quantization-aware distillation.")
 def build(
     device, model_spec, calib, evaluation, input_shape, out, max_fidelity_drop, name, bundle_version, image_size, mean, std, layout, labels, no_fallback, latency_runs,
     prune_ratio, target_macs, prune_importance, prune_keep, prune_round_to, distill, train_data, epochs, lr, batch_size, patience, temperature, alpha,
-    feature_weight, feature_layers, val_fraction, qat,
+    feature_weight, feature_layers, freeze_batchnorm, val_fraction, qat,
 ):
     """Build a verified bundle of MODEL for DEVICE: export, quantize, evaluate, choose, pack."""
     from edgeopt.builder.data import Preprocess
@@ -171,6 +172,7 @@ def build(
         alpha=alpha,
         feature_weight=feature_weight,
         feature_layers=tuple(_parse_feature_layer(value) for value in feature_layers),
+        freeze_batchnorm=freeze_batchnorm,
     )
     try:
         student.check()

@@ -17,8 +17,10 @@ Every student candidate records the stages it went through in ``CandidateResult.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +65,7 @@ class StudentOptions:
     alpha: float = 0.7
     feature_weight: float = 0.0
     feature_layers: tuple[tuple[str, str], ...] = ()  # (student module, teacher module) pairs
+    freeze_batchnorm: bool = False  # keep BatchNorm running statistics fixed while training
 
     @property
     def prunes(self) -> bool:
@@ -148,13 +151,36 @@ def add_student_candidates(context: "BuildContext", progress: "Progress") -> Non
     student = _Student(model=teacher)
 
     if options.prunes:
-        student = _prune(context, options, progress, teacher, example, train)
-        if train is not None:
-            student = _retrain(context, options, progress, student, teacher, train, val)
-        _add_pruned_candidates(context, progress, student, example, workdir)
+        with _failure_recorded(context, _pruning_id(options)):
+            student = _prune(context, options, progress, teacher, example, train)
+            if train is not None:
+                student = _retrain(context, options, progress, student, teacher, train, val)
+            _add_pruned_candidates(context, progress, student, example, workdir)
 
-    if options.qat:
+    if not options.qat:
+        return
+    if options.prunes and not student.pruning:
+        context.skipped.append(f"{_qat_id(options, student)}: not trained because pruning failed")
+        return
+    with _failure_recorded(context, _qat_id(options, student)):
         _add_qat_candidate(context, options, progress, student, teacher, example, train, val, workdir)
+
+
+@contextlib.contextmanager
+def _failure_recorded(context: "BuildContext", candidate_id: str) -> Iterator[None]:
+    """Record an unexpected error as a build failure of ``candidate_id`` and go on; bad input still aborts the build."""
+    from edgeopt.builder.distill import DistillError
+    from edgeopt.builder.prune import PruneError
+    from edgeopt.builder.qat import QatError
+    from edgeopt.builder.traindata import TrainDataError
+
+    try:
+        yield
+    except (BuildInputError, PruneError, DistillError, TrainDataError, QatError):
+        raise
+    except Exception as exc:  # a pruner, trainer or exporter bug costs these candidates, not the build
+        log.error("candidate %s could not be built: %s: %s", candidate_id, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        context.build_failures[candidate_id] = f"{type(exc).__name__}: {exc}"
 
 
 def _check_model_io(context: "BuildContext", options: StudentOptions) -> None:
@@ -224,12 +250,19 @@ def _prune(context, options: StudentOptions, progress, teacher, example, train) 
             calibration=calibration,
             round_to=options.round_to,
         )
-    if options.prune_ratio is not None:
-        prefix = f"pruned{round(options.prune_ratio * 100)}"
-    else:
-        prefix = f"pruned-{_short_count(options.target_macs)}macs"
     summary = {**result.summary(), "round_to": options.round_to, "macs_counted_by": "forward hooks on conv and linear modules, batch 1"}
-    return _Student(model=result.model, pruning=prefix, stages={"prune": summary})
+    return _Student(model=result.model, pruning=_pruning_id(options), stages={"prune": summary})
+
+
+def _pruning_id(options: StudentOptions) -> str:
+    if options.prune_ratio is not None:
+        return f"pruned{round(options.prune_ratio * 100)}"
+    return f"pruned-{_short_count(options.target_macs)}macs"
+
+
+def _qat_id(options: StudentOptions, student: _Student) -> str:
+    """Return e.g. ``qat-int8``, or ``pruned50-qad-int8`` for quantization-aware distillation of a pruned student."""
+    return "-".join(part for part in (student.pruning, "qad" if options.distill else "qat", "int8") if part)
 
 
 def _taylor_batches(train: "TrainData", batch_size: int) -> list:
@@ -263,7 +296,8 @@ def _training_config(options: StudentOptions, progress_bar, lr_scale: float = 1.
         batch_size=options.batch_size,
         patience=options.patience,
         seed=TRAINING_SEED,
-        progress=False if progress_bar is None else True,
+        freeze_batchnorm=options.freeze_batchnorm,
+        progress=progress_bar is not None,
     )
 
 
@@ -279,6 +313,7 @@ def _training_recipe(mode: str, context, options: StudentOptions, config, result
         "batch_size": config.batch_size,
         "patience": config.patience,
         "seed": config.seed,
+        "freeze_batchnorm": config.freeze_batchnorm,
         "train_data": str(options.train_data),
         "train_samples": len(train),
         "val_samples": len(val),
@@ -392,7 +427,7 @@ def _add_qat_candidate(context, options: StudentOptions, progress, student: _Stu
 
     mode = "quantization-aware distillation" if options.distill else "quantization-aware training"
     tag = "qad" if options.distill else "qat"
-    candidate_id = "-".join(part for part in (student.pruning, tag, "int8") if part)
+    candidate_id = _qat_id(options, student)
     bar = _rich_bar(progress)
     # Observers need at least one epoch to set the scales before they freeze.
     config = QatConfig(_training_config(options, bar, QAT_LR_SCALE), observer_freeze_epoch=max(2, min(3, options.epochs)))
