@@ -14,6 +14,7 @@ import contextlib
 import importlib.metadata
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ TFLITE_BUILD_HINT = "pip install 'edgeopt[tflite-build]' (litert-torch and ai-ed
 # ai-edge-quantizer recipes by QuantCandidate.method: per-channel INT8 weights with INT8
 # activations from calibration, or with activations quantized on the fly.
 QUANTIZER_RECIPES = {"static": "static_wi8_ai8", "dynamic": "dynamic_wi8_afp32"}
+
+# ai-edge-quantizer's calibration and checks run interpreters that keep every intermediate
+# tensor, and LiteRT warns on each that this mode is meant for debugging.
+PRESERVE_ALL_TENSORS_WARNING = r".*experimental_preserve_all_tensors"
 
 # Calibration runs the float model once per sample, so larger sets are cut to this many samples.
 MAX_CALIBRATION_SAMPLES = 256
@@ -113,6 +118,55 @@ def _calibration_samples(calibration: Dataset) -> list[dict[str, np.ndarray]]:
     return [calibration.batch(index, index + 1) for index in range(count)]
 
 
+def _calibrate_min_max(float_path: Path, quantization_recipe, samples: list[dict[str, np.ndarray]], threads: int) -> dict[str, Any]:
+    """Calibrate ``float_path`` on ``samples`` and return each tensor's global min and max over them.
+
+    ``Quantizer.calibrate`` in ai-edge-quantizer 0.10 keeps an exponential moving average
+    (smoothing factor 0.95) of each sample's min and max and has no option to change that.
+    The average stays well inside the range the samples reach: on EfficientNet-Lite0 it cut
+    some projection convolutions to about half their range and saturated the logits, so
+    top-1 often became a tie. The global min/max is what ONNX Runtime's MinMax calibration
+    records, so the ONNX and LiteRT INT8 files get comparable ranges.
+    """
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(quantization_recipe)
+    # calibrate() draws a progress bar on stderr and has no switch to turn it off.
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PRESERVE_ALL_TENSORS_WARNING, category=UserWarning)
+        # This update function replaces each algorithm's own one, which is right only for min/max
+        # recipes because GPTQ and OSCAR record other statistics.
+        engine = calibrator.Calibrator(str(float_path), num_threads=threads, qsv_update_func=qsv_utils.min_max_update)
+        engine.calibrate({"serving_default": samples}, manager)
+    return engine.get_model_qsvs()
+
+
+def _quantize_reporting_bias_overflow(engine, calibration_result: dict[str, Any] | None, path: Path) -> None:
+    """Quantize into ``path`` and turn numpy's int32 cast overflow warnings into one log line that explains them."""
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=PRESERVE_ALL_TENSORS_WARNING, category=UserWarning)
+        engine.quantize(calibration_result, serialize_to_path=str(path), enable_progress_bar=False, enable_progress_report=False)
+
+    overflows = [w for w in caught if issubclass(w.category, RuntimeWarning) and "invalid value encountered in cast" in str(w.message)]
+    for other in caught:
+        if other not in overflows:
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    if overflows:
+        # NOTE: ai-edge-quantizer 0.10 floors a per-channel weight scale at 1e-9 / 127, and the
+        # bias scale is input scale x weight scale. A channel whose folded weights are all zero
+        # then cannot hold its bias in int32. The quantizer clips the bias in float32, where
+        # 2**31 - 1 rounds up to 2**31, so a positive bias overflows the cast (numpy's
+        # RuntimeWarning) and becomes -2**31 on x86. Such channels output 0 in the INT8 model.
+        # In EfficientNet-Lite0 most of their biases are negative, so ReLU6 gives 0 in FP32 too.
+        log.warning(
+            "ai-edge-quantizer could not fit the int32 bias of %d op(s) in %s: channels with all-zero weights output 0 instead of their bias",
+            len(overflows), path.name,
+        )
+
+
 def quantize_tflite(float_path: Path, method: str, calibration: Dataset | None, path: Path, threads: int | None = None) -> dict[str, Any]:
     """Write the INT8 variant ``method`` (``static`` or ``dynamic``) of ``float_path``; return the recipe entry."""
     if method not in QUANTIZER_RECIPES:
@@ -130,18 +184,17 @@ def quantize_tflite(float_path: Path, method: str, calibration: Dataset | None, 
         "recipe": recipe_name,
     }
     try:
-        engine = quantizer.Quantizer(str(float_path), getattr(recipe, recipe_name)())
+        quantization_recipe = getattr(recipe, recipe_name)()
+        engine = quantizer.Quantizer(str(float_path), quantization_recipe)
         calibration_result = None
         if engine.need_calibration:
             if calibration is None or len(calibration) == 0:
                 raise TfliteBuildError(f"recipe {recipe_name} needs calibration data; pass --calib")
             samples = _calibration_samples(calibration)
-            # calibrate() draws a tqdm progress bar on stderr and has no switch to turn it off.
-            with contextlib.redirect_stderr(io.StringIO()):
-                calibration_result = engine.calibrate({"serving_default": samples}, num_threads=threads or 1)
+            calibration_result = _calibrate_min_max(float_path, quantization_recipe, samples, threads or 1)
             entry["calibration_samples"] = len(samples)
-        with contextlib.redirect_stdout(io.StringIO()):
-            engine.quantize(calibration_result, serialize_to_path=str(path), enable_progress_bar=False, enable_progress_report=False)
+            entry["calibration"] = "minmax"
+        _quantize_reporting_bias_overflow(engine, calibration_result, path)
     except TfliteBuildError:
         raise
     except Exception as exc:  # ai-edge-quantizer raises ValueError, RuntimeError and its own errors

@@ -129,6 +129,86 @@ def test_dynamic_range_keeps_top1(lite0):
     backend.close()
 
 
+def representable_range(details: dict) -> tuple[float, float, float]:
+    """Return the float min, max and step of an int8 signature tensor."""
+    scale, zero_point = details["quantization"]
+    return (-128 - zero_point) * scale, (127 - zero_point) * scale, scale
+
+
+def test_full_integer_ranges_cover_calibration(lite0):
+    runner = import_litert().interpreter.Interpreter(model_path=str(lite0["static"])).get_signature_runner()
+    calibration = lite0["data"]["calib"]
+    logits = torch_logits(lite0["model"], calibration)
+
+    input_low, input_high, input_step = representable_range(runner.get_input_details()["input"])
+    output_low, output_high, output_step = representable_range(runner.get_output_details()["logits"])
+
+    # Min/max calibration keeps every calibration value representable (up to zero-point rounding).
+    assert input_low <= float(calibration.min()) + input_step
+    assert input_high >= float(calibration.max()) - input_step
+    assert output_low <= float(logits.min()) + output_step
+    assert output_high >= float(logits.max()) - output_step
+    assert lite0["static_recipe"]["calibration"] == "minmax"
+
+
+def test_full_integer_io_matches_manual_quantization(lite0):
+    runner = import_litert().interpreter.Interpreter(model_path=str(lite0["static"])).get_signature_runner()
+    input_scale, input_zero_point = runner.get_input_details()["input"]["quantization"]
+    output_scale, output_zero_point = runner.get_output_details()["logits"]["quantization"]
+    x = lite0["data"]["eval"][:2]
+
+    quantized = np.clip(np.round(x / input_scale) + input_zero_point, -128, 127).astype(np.int8)
+    raw = np.concatenate([runner(input=quantized[i : i + 1])["logits"] for i in range(len(x))])
+    expected = (raw.astype(np.float32) - output_zero_point) * np.float32(output_scale)
+    backend = LiteRtBackend(lite0["static"], num_threads=2)
+    got = backend.run({"input": x})["logits"]
+    backend.close()
+
+    assert np.array_equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def digits_tflite(tmp_path_factory):
+    """Convert the small digits CNN to FP32 .tflite; return it with its model and calibration digits."""
+    from tiny_cnn import digits_arrays, tiny_cnn
+
+    root = tmp_path_factory.mktemp("digits-tflite")
+    x, _ = digits_arrays()
+    model = tiny_cnn()
+    fp32 = root / "fp32.tflite"
+    litert.convert_module(model, {"input": x[:1]}, ["logits"], fp32)
+    # Samples 0-999 trained the model.
+    return {"root": root, "model": model, "fp32": fp32, "calib": x[1000:1064]}
+
+
+def test_static_int8_tracks_fp32_on_calibration(digits_tflite):
+    calibration = digits_tflite["calib"]
+    static = digits_tflite["root"] / "int8.tflite"
+    litert.quantize_tflite(digits_tflite["fp32"], "static", Dataset({"input": calibration}, None, "digits"), static, threads=1)
+    runner = import_litert().interpreter.Interpreter(model_path=str(static)).get_signature_runner()
+    _, _, output_step = representable_range(runner.get_output_details()["logits"])
+    expected = torch_logits(digits_tflite["model"], calibration)
+
+    backend = LiteRtBackend(static, num_threads=1)
+    got = backend.run({"input": calibration})["logits"]
+    backend.close()
+
+    # A moving average of per-sample ranges clips the widest samples by dozens of steps.
+    max_error_steps = float(np.max(np.abs(got - expected))) / output_step
+    assert max_error_steps < 3
+
+
+def test_static_calibration_ignores_order(digits_tflite):
+    calibration = digits_tflite["calib"]
+    forward = digits_tflite["root"] / "forward.tflite"
+    reverse = digits_tflite["root"] / "reverse.tflite"
+
+    litert.quantize_tflite(digits_tflite["fp32"], "static", Dataset({"input": calibration}, None, "digits"), forward, threads=1)
+    litert.quantize_tflite(digits_tflite["fp32"], "static", Dataset({"input": calibration[::-1]}, None, "digits"), reverse, threads=1)
+
+    assert forward.read_bytes() == reverse.read_bytes()
+
+
 def test_batch_equals_single_runs(lite0):
     backend = LiteRtBackend(lite0["fp32"], num_threads=2)
     x = lite0["data"]["eval"][:4]
