@@ -69,17 +69,24 @@ class Fidelity:
     accuracy: float | None = None
     source_accuracy: float | None = None
     per_output: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Set for pruned or retrained students: their weights differ from the source's by design,
+    # so with labels the gate compares accuracy only, not agreement with the source.
+    accuracy_decides: bool = False
 
     @property
     def drop(self) -> float:
         """Loss against the source on the gate metric, or in accuracy when labels exist, whichever is worse."""
+        has_accuracy = self.accuracy is not None and self.source_accuracy is not None
+        if self.accuracy_decides and has_accuracy:
+            return max(0.0, self.source_accuracy - self.accuracy)
         drop = 1.0 - self.score
-        if self.accuracy is not None and self.source_accuracy is not None:
+        if has_accuracy:
             drop = max(drop, self.source_accuracy - self.accuracy)
         return max(0.0, drop)
 
     def to_dict(self) -> dict:
-        data = {"samples": self.samples, "gate_metric": self.metric, "score": round(self.score, 6), "drop": round(self.drop, 6), "max_abs_diff": round(self.max_abs_diff, 6)}
+        metric = "accuracy" if self.accuracy_decides and self.accuracy is not None else self.metric
+        data = {"samples": self.samples, "gate_metric": metric, "score": round(self.score, 6), "drop": round(self.drop, 6), "max_abs_diff": round(self.max_abs_diff, 6)}
         for key in ("top1_agreement", "mean_kl", "cosine", "accuracy", "source_accuracy"):
             value = getattr(self, key)
             if value is not None:

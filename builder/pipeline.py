@@ -125,6 +125,8 @@ class BuildContext:
     winner: CandidateResult | None = None
     decision: list[str] = field(default_factory=list)
     build_failures: dict[str, str] = field(default_factory=dict)
+    # True while student candidates are evaluated: see Fidelity.accuracy_decides.
+    gate_on_accuracy: bool = False
     # Candidates of the profile that were not built, as "id: reason".
     skipped: list[str] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
@@ -140,6 +142,9 @@ class BuildContext:
         metric = "top-1 agreement" if any(is_classifier_output(r) for r in self.reference.values()) else "cosine similarity"
         if self.evaluation is not None and self.evaluation.labels is not None:
             metric += " (and top-1 accuracy on the labels)"
+            student = self.options.student
+            if student is not None and student.enabled:
+                metric += "; pruned and retrained students are gated on top-1 accuracy alone"
         return metric
 
 
@@ -243,6 +248,7 @@ def _evaluate(
         backend = OnnxRuntimeBackend(path, [ProviderChoice("CPUExecutionProvider", {})], intra_op_threads=context.options.threads)
     outputs = run_backend(backend, context.evaluation)
     fidelity = compare_outputs(context.reference, outputs, context.evaluation.labels)
+    fidelity.accuracy_decides = context.gate_on_accuracy
     latency = measure_latency(backend, context.evaluation.batch(0, 1), runs=context.options.latency_runs)
     backend.close()
     size = path.stat().st_size
@@ -419,11 +425,23 @@ def _choose_winner(context: BuildContext) -> None:
     else:
         # Within a precision, the profile's format order (e.g. tflite before onnx) decides.
         formats = {artifact_format: index for index, artifact_format in enumerate(context.profile.formats)}
-        winner = min(passing, key=lambda c: (rank.get(c.precision, len(rank)), formats.get(c.format, len(formats)), c.fidelity.drop, c.size))
+        # MACs counted on the graph rank pruned students ahead of their source on any board, while
+        # host latency would not transfer; a candidate without a count ranks after counted ones.
+        winner = min(
+            passing,
+            key=lambda c: (
+                rank.get(c.precision, len(rank)),
+                formats.get(c.format, len(formats)),
+                c.macs if c.macs is not None else float("inf"),
+                c.fidelity.drop,
+                c.size,
+            ),
+        )
         format_order = f", then its format preference ({' > '.join(context.profile.formats)})," if len(context.profile.formats) > 1 else ""
         context.decision.append(
-            f"This host is not a {context.profile.id}, so the profile's precision preference ({' > '.join(preference)}){format_order} decides "
-            f"among passing candidates: {winner.id} ({winner.precision}, {winner.format}) passes with drop {winner.fidelity.drop:.4f}."
+            f"This host is not a {context.profile.id}, so the profile's precision preference ({' > '.join(preference)}){format_order} "
+            f"then fewer MACs decide among passing candidates: {winner.id} ({winner.precision}, {winner.format}) passes with drop "
+            f"{winner.fidelity.drop:.4f}."
         )
 
     preferred = preference[0] if preference else winner.precision

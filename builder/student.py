@@ -150,6 +150,16 @@ def add_student_candidates(context: "BuildContext", progress: "Progress") -> Non
     teacher = context.source.module
     student = _Student(model=teacher)
 
+    # Students are meant to differ from the source, so with labels their gate is accuracy.
+    context.gate_on_accuracy = True
+    try:
+        _add_students(context, options, progress, train, val, example, workdir, teacher, student)
+    finally:
+        context.gate_on_accuracy = False
+
+
+def _add_students(context, options, progress, train, val, example, workdir: Path, teacher, student: "_Student") -> None:
+    """Build the pruned (and retrained) candidates, then the QAT or QAD candidate."""
     if options.prunes:
         with _failure_recorded(context, _pruning_id(options)):
             student = _prune(context, options, progress, teacher, example, train)

@@ -203,3 +203,16 @@ def test_percentile_calibration_with_prime_sample_count(tmp_path, digits_data):
     _, manifest = open_bundle(out, tmp_path / "x")
     assert "int8-u8s8-rr-percentile" in manifest.raw["metrics"]["candidates"]
     assert manifest.raw["recipe"]["calibration"]["samples"] == 61
+
+
+def test_student_gate_uses_accuracy_with_labels():
+    fidelity = Fidelity(samples=100, metric="top1_agreement", score=0.95, accuracy=0.99, source_accuracy=0.99)
+    assert fidelity.drop == pytest.approx(0.05)
+    fidelity.accuracy_decides = True
+    assert fidelity.drop == pytest.approx(0.0)
+    assert fidelity.to_dict()["gate_metric"] == "accuracy"
+
+
+def test_student_gate_without_labels_keeps_agreement():
+    fidelity = Fidelity(samples=100, metric="top1_agreement", score=0.95, accuracy_decides=True)
+    assert fidelity.drop == pytest.approx(0.05)
