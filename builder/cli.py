@@ -59,15 +59,43 @@ def _student_input_errors() -> tuple[type[Exception], ...]:
     return (BuildInputError, PruneError, DistillError, TrainDataError, QatError)
 
 
+def _loss_column_class():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class LossColumn(ProgressColumn):
+        """The ``loss`` field of training tasks; empty for build steps that have none."""
+
+        def render(self, task) -> Text:
+            return Text(str(task.fields.get("loss", "")), style="cyan")
+
+    return LossColumn
+
+
+def _LossColumn():
+    return _loss_column_class()()
+
+
 class RichProgress:
     """Build progress on stderr: a spinner per step and the elapsed time."""
 
     def __init__(self):
         from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.console = Console(stderr=True)
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=self.console, transient=False)
+        # Build steps are one-unit tasks; training tasks count batches, so the bar, the
+        # loss fields and the remaining time are meaningful for them.
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=10),
+            _LossColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(compact=True),
+            console=self.console,
+            transient=False,
+        )
 
     @contextlib.contextmanager
     def step(self, description: str) -> Iterator[None]:
