@@ -2,7 +2,11 @@
 
 A bundle is a directory with ``manifest.json`` at its root, shipped as a ``.tar`` of that
 directory. The manifest lists every other file with its sha256; verification rejects a
-bundle with a missing, changed or unlisted file.
+bundle with a missing, changed or unlisted file. ``manifest.sha256`` beside it holds the
+sha256 of the manifest's bytes, so a changed byte in the manifest itself is caught too.
+
+NOTE: the digests detect corruption and accidental edits, not a deliberate forgery: whoever
+can rewrite the manifest can rewrite its digest. Signing bundles is not implemented.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MANIFEST_DIGEST_NAME = "manifest.sha256"
+# Files at the bundle root that the manifest's file list does not (and cannot) include.
+UNLISTED_NAMES = (MANIFEST_NAME, MANIFEST_DIGEST_NAME)
 
 # Extraction limits: a bundle of a large model with external data stays far below these,
 # and a crafted archive cannot fill the board's storage or inode table.
@@ -139,7 +146,7 @@ def _bundle_files(bundle_dir: Path) -> list[Path]:
     for path in sorted(bundle_dir.rglob("*")):
         if path.is_symlink():
             raise BundleError(f"bundle file {path.relative_to(bundle_dir)} is a symbolic link; bundles hold only regular files")
-        if path.is_file() and path.relative_to(bundle_dir).as_posix() != MANIFEST_NAME:
+        if path.is_file() and path.relative_to(bundle_dir).as_posix() not in UNLISTED_NAMES:
             files.append(path)
     return files
 
@@ -152,7 +159,10 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Manifest:
         files.append({"path": path.relative_to(bundle_dir).as_posix(), "sha256": sha256_file(path), "size": path.stat().st_size})
     data = {"schema": SCHEMA_VERSION, **manifest, "files": files}
     parsed = Manifest.from_dict(data)
-    (bundle_dir / MANIFEST_NAME).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    (bundle_dir / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    (bundle_dir / MANIFEST_DIGEST_NAME).write_text(f"{digest}  {MANIFEST_NAME}\n", encoding="utf-8")
     return parsed
 
 
@@ -176,9 +186,25 @@ def _check_relative(name: str) -> PurePosixPath:
     return rel
 
 
+def _verify_manifest_digest(bundle_dir: Path) -> None:
+    """Compare the sha256 of ``manifest.json``'s bytes with the one in ``manifest.sha256``."""
+    digest_path = bundle_dir / MANIFEST_DIGEST_NAME
+    manifest_path = bundle_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path} not found: a bundle directory must contain {MANIFEST_NAME}")
+    try:
+        expected = digest_path.read_text(encoding="utf-8").split()[0]
+    except (OSError, IndexError):
+        raise BundleError(f"bundle file {MANIFEST_DIGEST_NAME} is missing or empty: rebuild the bundle") from None
+    actual = sha256_file(manifest_path)
+    if actual != expected:
+        raise BundleError(f"bundle file {MANIFEST_NAME} does not match its sha256 in {MANIFEST_DIGEST_NAME} (expected {expected[:12]}…, got {actual[:12]}…)")
+
+
 def verify_bundle(bundle_dir: Path) -> Manifest:
     """Check every file against the manifest; raise BundleError naming the first mismatch."""
     bundle_dir = Path(bundle_dir)
+    _verify_manifest_digest(bundle_dir)
     manifest = load_manifest(bundle_dir)
 
     listed: dict[str, dict[str, Any]] = {}
@@ -243,7 +269,8 @@ def extract_bundle(tar_path: Path, target_root: Path, max_bytes: int = MAX_EXTRA
     try:
         tar = tarfile.open(tar_path, "r:*")
     except (tarfile.TarError, OSError) as exc:
-        raise BundleError(f"{tar_path} is not a readable tar archive: {exc}") from None
+        reason = str(exc).splitlines()[0].rstrip(":")
+        raise BundleError(f"{tar_path} is not a readable tar archive ({reason}): copy the bundle again") from None
 
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=target_root))
     try:

@@ -93,8 +93,37 @@ def test_unknown_schema_rejected(tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["schema"] = 99
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+    # A bundle from a newer edgeopt has a consistent digest; only the schema is unknown.
+    (bundle / "manifest.sha256").write_text(sha256_file(bundle / "manifest.json") + "  manifest.json\n")
     with pytest.raises(BundleError, match="schema 99 is not supported"):
         verify_bundle(bundle)
+
+
+@pytest.mark.parametrize("old,new", [(b'"rpi5"', b'"rpi4"'), (b"\"size\": 6", b"\"size\": 7"), (b'"demo"', b'"dema"')])
+def test_changed_manifest_byte_fails(tmp_path, old, new):
+    bundle = _make_bundle(tmp_path)
+    path = bundle / "manifest.json"
+    data = path.read_bytes()
+    assert old in data
+    path.write_bytes(data.replace(old, new, 1))
+    with pytest.raises(BundleError, match="manifest.json does not match its sha256"):
+        verify_bundle(bundle)
+
+
+def test_missing_manifest_digest_fails(tmp_path):
+    bundle = _make_bundle(tmp_path)
+    (bundle / "manifest.sha256").unlink()
+    with pytest.raises(BundleError, match="manifest.sha256 is missing"):
+        verify_bundle(bundle)
+
+
+def test_unreadable_tar_is_one_line(tmp_path):
+    path = tmp_path / "broken.tar"
+    path.write_bytes(b"\x00not a tar" * 10)
+    with pytest.raises(BundleError) as info:
+        open_bundle(path, tmp_path / "x")
+    assert "is not a readable tar archive" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_tar_round_trip(tmp_path):
