@@ -128,11 +128,11 @@ def _load_image_folder(folder: Path, input_name: str, preprocess: Preprocess | N
     return Dataset({input_name: np.stack(samples).astype(np.float32)}, np.asarray(labels, np.int64) if labelled else None, str(folder))
 
 
-def load_dataset(path: Path | str, input_names: list[str], preprocess: Preprocess | None = None) -> Dataset:
-    """Load samples from ``path``; raise BuildInputError with the fix for every bad-input case."""
+def load_dataset(path: Path | str, input_names: list[str], preprocess: Preprocess | None = None, option: str = "--calib") -> Dataset:
+    """Load samples from ``path`` (given as ``option``); raise BuildInputError with the fix for every bad-input case."""
     path = Path(path)
     if not path.exists():
-        raise BuildInputError(f"data path {path} not found: check --calib / --eval")
+        raise BuildInputError(f"{option} {path} not found: check the path")
 
     if path.is_dir():
         if len(input_names) != 1:

@@ -125,6 +125,7 @@ class BuildContext:
     winner: CandidateResult | None = None
     decision: list[str] = field(default_factory=list)
     build_failures: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     # True while student candidates are evaluated: see Fidelity.accuracy_decides.
     gate_on_accuracy: bool = False
     # Candidates of the profile that were not built, as "id: reason".
@@ -133,6 +134,7 @@ class BuildContext:
     source_latency: LatencyStats | None = None
     host_description: str = ""
     host_representative: bool = False
+    host_profile: str | None = None
     latency_method: str = ""
     # Link from the report to the Pareto plot beside it, None when no plot is written.
     pareto_link: str | None = None
@@ -210,8 +212,23 @@ def _load_data(context: BuildContext) -> None:
     calibration = check_input_shapes(calibration, expected, dtypes)
     evaluation = None
     if options.evaluation is not None:
-        evaluation = check_input_shapes(load_dataset(options.evaluation, list(expected), preprocess), expected, dtypes)
+        evaluation = check_input_shapes(load_dataset(options.evaluation, list(expected), preprocess, option="--eval"), expected, dtypes)
     context.calibration, context.evaluation = split_calibration_evaluation(calibration, evaluation)
+
+
+def _check_gate_resolution(context: BuildContext, progress: Progress) -> None:
+    """Warn when one changed answer on the evaluation set already exceeds the gate."""
+    samples = len(context.evaluation)
+    step = 1.0 / samples
+    if step > context.gate.max_drop:
+        needed = int(1.0 / context.gate.max_drop) + 1 if context.gate.max_drop > 0 else samples
+        message = (
+            f"the evaluation set has {samples} samples, so one changed top-1 answer is a drop of {step:.4f}, above the gate "
+            f"of {context.gate.max_drop:.4f}: candidates pass only with zero changes. Use at least {needed} evaluation samples."
+        )
+        log.warning(message)
+        progress.message(f"warning: {message}")
+        context.warnings.append(message)
 
 
 def _reference_outputs(context: BuildContext) -> None:
@@ -419,7 +436,7 @@ def _choose_winner(context: BuildContext) -> None:
         close = [c for c in passing if c.latency.p50_ms <= fastest * (1 + LATENCY_TIE)]
         winner = min(close, key=lambda c: (c.size, c.latency.p50_ms))
         context.decision.append(
-            f"This host is a {context.profile.id}, so host latency decides: {winner.id} has p50 {winner.latency.p50_ms:.2f} ms "
+            f"This host's closest profile is {context.profile.id}, so host latency decides: {winner.id} has p50 {winner.latency.p50_ms:.2f} ms "
             f"(fastest passing: {fastest:.2f} ms; within {LATENCY_TIE:.0%} the smaller file wins)."
         )
     else:
@@ -439,20 +456,19 @@ def _choose_winner(context: BuildContext) -> None:
         )
         format_order = f", then its format preference ({' > '.join(context.profile.formats)})," if len(context.profile.formats) > 1 else ""
         context.decision.append(
-            f"This host is not a {context.profile.id}, so the profile's precision preference ({' > '.join(preference)}){format_order} "
+            f"This host's closest profile is {context.host_profile or 'none'}, not {context.profile.id}, so the profile's precision preference ({' > '.join(preference)}){format_order} "
             f"then fewer MACs decide among passing candidates: {winner.id} ({winner.precision}, {winner.format}) passes with drop "
             f"{winner.fidelity.drop:.4f}."
         )
 
-    preferred = preference[0] if preference else winner.precision
-    if rank.get(winner.precision, 99) > rank.get(preferred, 0):
-        failed_preferred = [c for c in failing if c.precision == preferred]
-        if failed_preferred:
-            worst = ", ".join(f"{c.id} drop {c.fidelity.drop:.4f}" for c in failed_preferred)
-            context.decision.append(
-                f"FALLBACK: every {preferred} candidate failed the gate ({worst} > {context.gate.max_drop:.4f}), "
-                f"so the bundle ships {winner.precision} instead."
-            )
+    better = [p for p in preference if rank[p] < rank.get(winner.precision, len(rank))]
+    failed_better = [c for c in failing if c.precision in better]
+    if failed_better:
+        worst = ", ".join(f"{c.id} drop {c.fidelity.drop:.4f}" for c in failed_better)
+        context.decision.append(
+            f"FALLBACK: every {' and '.join(p for p in better if any(c.precision == p for c in failed_better))} candidate "
+            f"failed the gate ({worst} > {context.gate.max_drop:.4f}), so the bundle ships {winner.precision} instead."
+        )
     context.winner = winner
 
 
@@ -640,9 +656,11 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     spec = parse_model_spec(options.model)
     name = options.name or spec.default_name
     out = Path(options.out) if options.out else _default_out(name, profile.id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    except OSError as exc:
+        raise BuildInputError(f"cannot write --out {out}: {exc.strerror or exc}; choose a writable directory") from None
     try:
         with progress.step(f"loading {spec.raw}"):
             source = load_source_model(spec)
@@ -650,6 +668,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         context = BuildContext(options=options, profile=profile, source=source, name=name, workdir=staging, gate=Gate(options.max_fidelity_drop))
         detected = detect_profile(facts)
         context.host_representative = detected is not None and detected.id == profile.id
+        context.host_profile = detected.id if detected else None
         context.host_description = facts.describe()
         import onnxruntime as ort
 
@@ -663,6 +682,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             _load_data(context)
         with progress.step("computing FP32 source outputs on the evaluation set"):
             _reference_outputs(context)
+        if any(is_classifier_output(r) for r in context.reference.values()):
+            _check_gate_resolution(context, progress)
             _measure_source_latency(context)
 
         add_student_candidates(context, progress)

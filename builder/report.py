@@ -108,6 +108,9 @@ def render_report(context: "BuildContext") -> str:
         )
         lines.append("")
 
+    if context.warnings:
+        lines += ["## Warnings", ""] + [f"- {warning}" for warning in context.warnings] + [""]
+
     lines += ["## Decision", ""]
     lines += [f"- {reason}" for reason in context.decision]
     lines.append("")
@@ -142,7 +145,7 @@ def render_report(context: "BuildContext") -> str:
     notes = list(context.profile.notes)
     if not context.host_representative:
         notes.append(
-            f"This build host ({context.host_description}) is not a {context.profile.id}: host latency ranks the candidates "
+            f"This build host ({context.host_description}) matches {context.host_profile or 'no profile'}, not {context.profile.id}: host latency ranks the candidates "
             "relative to each other only and does not predict latency on the board."
         )
     int8_formats = sorted({c.format for c in context.candidates if c.precision == "int8"})

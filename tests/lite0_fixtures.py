@@ -67,7 +67,7 @@ def lite0_bundle(tmp_path_factory) -> Lite0Bundle:
     tar = root / f"efficientnet-lite0-{device}.tar"
 
     started = time.perf_counter()
-    _run([sys.executable, str(ROOT / "examples" / "prepare_photos.py"), "--out", str(data)], "preparing the photos", 120)
+    _run([sys.executable, str(ROOT / "examples" / "prepare_photos.py"), "--out", str(data), "--eval-crops", "24"], "preparing the photos", 120)
     _run(
         [
             sys.executable, "-m", "edgeopt", "build",

@@ -21,7 +21,7 @@ CAT_CLASSES = range(281, 286)
 @pytest.fixture(scope="module")
 def photo_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
-    subprocess.run([sys.executable, str(ROOT / "examples" / "prepare_photos.py"), "--out", str(folder), "--crops", "12"], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "examples" / "prepare_photos.py"), "--out", str(folder), "--crops", "12", "--eval-crops", "24"], check=True, capture_output=True)
     return folder
 
 
