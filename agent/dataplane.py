@@ -164,6 +164,22 @@ class LoadedModel:
             raise self._invalid(f"input {tensor.name!r} has shape {list(shape)}, expected {list(spec.shape)} (-1 is any size of at least 1)")
         return shape
 
+    def _describe_name_mismatch(self, missing: list[str], extra: list[str], sent: list[str]) -> str:
+        """Describe input names that the request lacks or that the model does not have."""
+        parts = []
+        if missing:
+            noun = "input" if len(missing) == 1 else "inputs"
+            verb = "is" if len(missing) == 1 else "are"
+            text = f"{noun} {_quote(missing)} {verb} missing"
+            if not extra:
+                text += f" (the request sent {_quote(sent)})" if sent else " (the request sent no inputs)"
+            parts.append(text)
+        if extra:
+            noun = "input" if len(extra) == 1 else "inputs"
+            verb = "is not an input" if len(extra) == 1 else "are not inputs"
+            parts.append(f"{noun} {_quote(extra)} {verb} of this model")
+        return " and ".join(parts)
+
     def decode_inputs(self, request: inference_pb2.ModelInferRequest) -> tuple[dict[str, np.ndarray], bool]:
         """Validate the request against the manifest signature and decode its tensors.
 
@@ -174,11 +190,9 @@ class LoadedModel:
         if duplicates:
             raise self._invalid(f"input {duplicates[0]!r} appears more than once")
         missing = [n for n in self.inputs if n not in names]
-        if missing:
-            raise self._invalid(f"input {missing[0]!r} is missing")
         extra = [n for n in names if n not in self.inputs]
-        if extra:
-            raise self._invalid(f"input {extra[0]!r} is not an input of this model")
+        if missing or extra:
+            raise self._invalid(self._describe_name_mismatch(missing, extra, names))
 
         raw = request.raw_input_contents
         use_raw = len(raw) > 0
@@ -531,6 +545,10 @@ class DataPlane:
             names = list(self._models)
         for name in names:
             self.unload(name, reason="shutdown")
+
+
+def _quote(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names)
 
 
 def _bundle_name(entry: Path) -> str | None:

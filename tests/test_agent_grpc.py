@@ -162,7 +162,7 @@ def test_missing_and_extra_inputs_are_invalid(stub):
     with pytest.raises(grpc.RpcError) as missing:
         stub.ModelInfer(request)
     assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "'b' is missing" in missing.value.details()
+    assert "input 'b' is missing (the request sent 'a')" in missing.value.details()
 
     request.inputs.add(name="b", datatype="INT32", shape=[1, 2])
     request.inputs.add(name="c", datatype="INT32", shape=[1, 2])
@@ -173,11 +173,44 @@ def test_missing_and_extra_inputs_are_invalid(stub):
     assert "'c' is not an input" in extra.value.details()
 
 
+def test_wrong_input_name_names_sent_input(client):
+    tensor = triton.InferInput("images", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("tiny", [tensor])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "input 'x' is missing" in info.value.message()
+    assert "input 'images' is not an input of this model" in info.value.message()
+    assert "expected inputs x: FP32[-1,4]" in info.value.message()
+
+
+def test_missing_input_lists_sent_inputs(stub):
+    stub, _ = stub
+    request = inference_pb2.ModelInferRequest(model_name="adder")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request)
+    assert "inputs 'a', 'b' are missing (the request sent no inputs)" in info.value.details()
+
+
+def test_response_size_limit(client):
+    # 50000 rows: the request is 800 kB, the response 1.2 MB, and the server's limit 1 MiB.
+    tensors = []
+    for name in ("a", "b"):
+        tensor = triton.InferInput(name, [50_000, 2], "INT32")
+        tensor.set_data_from_numpy(np.ones((50_000, 2), dtype=np.int32))
+        tensors.append(tensor)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("adder", tensors)
+    assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "Sent message larger than max" in info.value.message()
+
+
 def test_message_size_limit(client):
     x = np.ones((100_000, 4), dtype=np.float32)  # 1.6 MB, above the 1 MiB limit of this server
     with pytest.raises(InferenceServerException) as info:
         client.infer("tiny", [_classifier_input(x)])
     assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "Received message larger than max" in info.value.message()
 
 
 def test_full_queue_is_resource_exhausted(agent, client):
