@@ -12,7 +12,7 @@ import click
 
 from edgeopt.agent.dataplane import DataPlane, DataPlaneConfig
 from edgeopt.agent.errors import LoadError
-from edgeopt.agent.server import DEFAULT_LISTEN, AgentServer, ServerConfig
+from edgeopt.agent.server import DEFAULT_LISTEN, AgentServer, ListenError, ServerConfig, check_bindable, parse_listen
 from edgeopt.cli import InputError
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,13 @@ def agent() -> None:
 @agent.command()
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(path_type=Path), help="Bundle directory or .tar to serve; repeat for several.")
 @click.option("--repository", type=click.Path(file_okay=False, path_type=Path), help="Directory of bundles that RepositoryModelLoad can load by model name.")
-@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve gRPC on; port 0 picks a free port.")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve gRPC on, with an IPv6 host in brackets ([::1]:8001); port 0 picks a free port.")
 @click.option("--force", is_flag=True, help="Load bundles built for another device profile, with a warning.")
 @click.option("--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True, type=click.Path(file_okay=False), help="Directory for extracted bundles and TensorRT/CoreML engine caches.")
 @click.option("--max-concurrency", type=int, callback=_positive, help="Concurrent runs per model [default: sized from the CPU count].")
 @click.option("--intra-op-threads", type=int, callback=_positive, help="ONNX Runtime threads per run, and LiteRT threads where the profile sets no num_threads [default: sized from the CPU count].")
 @click.option("--max-queue", type=int, default=32, show_default=True, callback=_positive, help="Requests per model that may wait for a run before RESOURCE_EXHAUSTED.")
-@click.option("--max-message-mb", type=int, default=64, show_default=True, callback=_positive, help="Largest gRPC request or response, in MiB.")
+@click.option("--max-message-mb", type=int, default=64, show_default=True, callback=_positive, help="Largest gRPC message, in MiB. It bounds both requests and responses: the client gets RESOURCE_EXHAUSTED \"Received message larger than max\" for a larger request and \"Sent message larger than max\" for a larger response.")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds in-flight requests get to finish after SIGTERM.")
 # MQTT telemetry options (agent/telemetry.py).
 @click.option("--broker", help="Report telemetry to this MQTT broker: mqtt://[user:pass@]host:port or mqtts://host:port.")
@@ -71,6 +71,12 @@ def agent() -> None:
 @click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Client private key (PEM) for an mqtts:// broker.")
 def run(bundles, repository, listen, force, cache_dir, max_concurrency, intra_op_threads, max_queue, max_message_mb, grace, broker, fleet, device_id, metrics_interval, ca, cert, key) -> None:
     """Verify bundles, select a runtime for each and serve KServe v2 gRPC until SIGTERM."""
+    try:
+        address = parse_listen(listen)
+        # Checked again by AgentServer.start; checking now saves loading bundles for nothing.
+        check_bindable(address)
+    except (ValueError, ListenError) as exc:
+        raise InputError(str(exc)) from None
     if not bundles and repository is None:
         raise InputError("no bundle to serve: pass --bundle PATH (repeatable) or --repository DIR")
     for path in bundles:
@@ -100,16 +106,16 @@ def run(bundles, repository, listen, force, cache_dir, max_concurrency, intra_op
     server_config = ServerConfig(listen=listen, max_message_bytes=max_message_mb * 1024 * 1024, grace_s=grace)
     try:
         server, dataplane = build_agent(list(bundles), dataplane_config, server_config)
-    except LoadError as exc:
-        raise InputError(str(exc)) from None
-    except OSError as exc:
+    except (LoadError, OSError) as exc:
         raise InputError(str(exc)) from None
 
     server.install_signal_handlers()
-    host = listen.rsplit(":", 1)[0]
     for model in dataplane.models():
         click.echo(f"serving {model['name']} version {model['version']} on {model['runtime']} ({model['artifact']}, {model['precision']})")
-    click.echo(f"edgeopt agent listening on {host}:{server.port} (ready in {time.perf_counter() - started:.2f} s)")
+    click.echo(
+        f"edgeopt agent listening on {address.with_port(server.port)} "
+        f"(max message {max_message_mb} MiB, ready in {time.perf_counter() - started:.2f} s)"
+    )
     sys.stdout.flush()
 
     reporter = None

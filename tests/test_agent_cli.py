@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,13 +18,15 @@ import tritonclient.grpc as triton
 from click.testing import CliRunner
 
 from agent_fixtures import classifier_reference, free_port, make_adder_bundle, make_classifier_bundle, make_slow_bundle, other_device, slow_reference
+from edgeopt.agent.dataplane import DataPlane, DataPlaneConfig
+from edgeopt.agent.server import AgentServer, ListenError, ServerConfig, parse_listen
 from edgeopt.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _start_agent(*args: str, cache: Path) -> tuple[subprocess.Popen, str]:
-    """Start ``edgeopt agent run`` and return the process and its address once it listens."""
+def _start_agent(*args: str, cache: Path) -> tuple[subprocess.Popen, str, str]:
+    """Start ``edgeopt agent run``; return the process, its address and its "listening on" line."""
     port = free_port()
     command = [sys.executable, "-m", "edgeopt", "-v", "agent", "run", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache), *args]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -35,7 +38,7 @@ def _start_agent(*args: str, cache: Path) -> tuple[subprocess.Popen, str]:
             break
         lines.append(line)
         if "listening on" in line:
-            return process, f"127.0.0.1:{port}"
+            return process, f"127.0.0.1:{port}", line
     process.kill()
     raise AssertionError(f"agent did not start: {''.join(lines)}{process.stderr.read()}")
 
@@ -79,10 +82,78 @@ def test_run_rejects_tampered_bundle(tmp_path):
     assert "selftest/expected.npz" in result.output
 
 
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("127.0.0.1", "the port is missing"),
+        ("127.0.0.1:", "the port is missing"),
+        ("127.0.0.1:abc", "port 'abc' is not a number"),
+        ("127.0.0.1:70000", "port 70000 is above 65535"),
+        ("127.0.0.1:-1", "port '-1' is not a number"),
+        ("::1:8001", "put an IPv6 host in brackets"),
+        ("[::1]", "an IPv6 host in brackets must be followed by :PORT"),
+        (":8001", "the host is missing"),
+    ],
+)
+def test_run_rejects_malformed_listen(tmp_path, value, reason):
+    bundle = make_classifier_bundle(tmp_path)
+    result = CliRunner().invoke(cli, ["agent", "run", "--bundle", str(bundle), "--listen", value, "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    assert result.output.count("Error:") == 1
+    assert f"invalid --listen value {value!r}: {reason}" in result.output
+    assert "expected HOST:PORT" in result.output
+    assert "[::1]:8001" in result.output
+    assert "choose a free" not in result.output
+
+
+@pytest.mark.parametrize(("value", "host", "port"), [("127.0.0.1:0", "127.0.0.1", 0), ("[::1]:8001", "::1", 8001), ("localhost:65535", "localhost", 65535)])
+def test_parse_listen_accepts_host_port(value, host, port):
+    address = parse_listen(value)
+    assert (address.host, address.port) == (host, port)
+    assert str(address) == value
+
+
+def test_run_port_in_use_is_one_error_line(tmp_path):
+    bundle = make_classifier_bundle(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "edgeopt", "agent", "run", "--bundle", str(bundle), "--listen", f"127.0.0.1:{port}", "--cache-dir", str(tmp_path / "c")]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: address already in use; choose a free port with --listen"]
+
+
+def test_server_start_rejects_port_in_use(tmp_path):
+    """The library path checks too, without gRPC's own log line or wording."""
+    dataplane = DataPlane(DataPlaneConfig(cache_dir=tmp_path / "c"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = AgentServer(dataplane, ServerConfig(listen=f"127.0.0.1:{port}"))
+        with pytest.raises(ListenError) as info:
+            server.start()
+    assert str(info.value) == f"cannot listen on 127.0.0.1:{port}: address already in use; choose a free port with --listen"
+    assert "GRPC_VERBOSITY" not in str(info.value)
+    dataplane.close()
+
+
+def test_run_help_explains_message_limit():
+    result = CliRunner().invoke(cli, ["agent", "run", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "bounds both requests and responses" in text
+    assert 'RESOURCE_EXHAUSTED "Received message larger than max"' in text
+
+
 def test_agent_subprocess_serves_tritonclient(tmp_path):
     bundles = [make_classifier_bundle(tmp_path, tar=True), make_adder_bundle(tmp_path), make_classifier_bundle(tmp_path, name="forced", device=other_device())]
     args = [arg for b in bundles for arg in ("--bundle", str(b))]
-    process, address = _start_agent(*args, "--force", cache=tmp_path / "cache")
+    process, address, listening = _start_agent(*args, "--force", cache=tmp_path / "cache")
+    assert f"listening on {address} (max message 64 MiB, ready in" in listening
     try:
         with triton.InferenceServerClient(address) as client:
             x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
@@ -100,7 +171,7 @@ def test_agent_subprocess_serves_tritonclient(tmp_path):
 
 def test_sigterm_finishes_in_flight_request(tmp_path):
     bundle = make_slow_bundle(tmp_path)
-    process, address = _start_agent("--bundle", str(bundle), "--grace", "20", cache=tmp_path / "cache")
+    process, address, _ = _start_agent("--bundle", str(bundle), "--grace", "20", cache=tmp_path / "cache")
     x = np.random.default_rng(1).normal(size=(8192, 256)).astype(np.float32)
     results = {}
 
