@@ -14,6 +14,7 @@ import contextlib
 import importlib.metadata
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,25 @@ def _named_module(module, input_names: list[str], output_names: list[str]):
 def float_recipe() -> dict[str, Any]:
     """Return the recipe entry of an unquantized litert-torch conversion."""
     return {"format": "tflite", "converter": f"litert-torch {_version('litert-torch')}", "method": "none"}
+
+
+def _quiet_converter_logs() -> None:
+    """Silence start-up chatter of the conversion stack that says nothing about the model.
+
+    TensorFlow's C++ logging (oneDNN notice, op counts) reads TF_CPP_MIN_LOG_LEVEL when it is
+    first loaded, so this must run before litert-torch or ai-edge-litert is imported. torchao warns about CUDA
+    kernels it cannot load on a CPU-only host, and torch's pytree warns about deprecated
+    registrations inside litert-torch 0.10. A user who sets TF_CPP_MIN_LOG_LEVEL keeps theirs.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+
+
+# Availability checks import the conversion stack early, so quieten it as soon as the builder
+# loads this module.
+_quiet_converter_logs()
 
 
 def convert_module(module, example: dict[str, np.ndarray], output_names: list[str], path: Path) -> None:
