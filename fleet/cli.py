@@ -17,65 +17,13 @@ from edgeopt.cli import InputError
 from edgeopt.fleet.alerts import Alert, AlertRules
 from edgeopt.fleet.history import History, default_history_path, parse_duration
 from edgeopt.fleet.monitor import DEFAULT_INTERVAL_S, DeviceState, FleetMonitor, MonitorConfig
+from edgeopt.fleet.table import render_table
 from edgeopt.mqtt import TlsFiles, check_topic_level, parse_broker_url
 
 log = logging.getLogger(__name__)
 
 # Exit status of `watch --once` when an alert is firing (2 is taken by input errors).
 EXIT_ALERTS = 3
-
-
-def _format_number(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _format_power(device: DeviceState) -> str:
-    if device.power_w is None:
-        return "-"
-    return f"{device.power_w:.2f} ({device.power_source or '?'})"
-
-
-def _format_age(last_seen: float | None, now: float) -> str:
-    if last_seen is None:
-        return "-"
-    return f"{now - last_seen:.0f} s ago"
-
-
-def render_table(devices: list[DeviceState], alerts: list[Alert], max_rows: int | None = None):
-    """Build the rich table: one row per device and model."""
-    from rich.table import Table
-
-    now = time.time()
-    table = Table(title=f"edgeopt fleet: {len(devices)} devices, {len(alerts)} alerts firing", expand=False)
-    for column in ("device", "status", "profile", "model", "runtime", "rps", "p50 ms", "p99 ms", "power W (source)", "mJ/inf", "temp °C", "last seen"):
-        table.add_column(column, no_wrap=column in ("device", "status"))
-
-    rows = 0
-    for device in devices:
-        status = "[green]online[/]" if device.status == "online" else f"[red]{device.status}[/]"
-        models = device.models or {m.get("name", "?"): {} for m in device.loaded_models} or {"-": {}}
-        for name, model in models.items():
-            if max_rows is not None and rows >= max_rows:
-                table.caption = f"{len(devices)} devices; rows after {max_rows} not shown"
-                return table
-            latency = model.get("latency_ms", {})
-            runtime = next((m.get("runtime") for m in device.loaded_models if m.get("name") == name), device.runtime)
-            table.add_row(
-                device.device_id,
-                status,
-                device.profile or "-",
-                f"{name} v{model['version']}" if model.get("version") else name,
-                runtime or "-",
-                _format_number(model.get("rps")),
-                _format_number(latency.get("p50")),
-                _format_number(latency.get("p99")),
-                _format_power(device),
-                _format_number(device.energy_per_inference_mj),
-                _format_number(device.temperature_c),
-                _format_age(device.last_seen, now),
-            )
-            rows += 1
-    return table
 
 
 def event_record(device: DeviceState, payload: dict) -> dict:
@@ -140,7 +88,7 @@ def fleet() -> None:
 @click.option("--cert", type=click.Path(dir_okay=False, path_type=Path), help="Client certificate (PEM) for mqtts://.")
 @click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Client private key (PEM) for mqtts://.")
 @click.option("--json", "as_json", is_flag=True, help="Write one JSON line per device update, agent event and alert instead of the table.")
-@click.option("--once", is_flag=True, help="Collect retained status and one metrics interval, print the state and exit.")
+@click.option("--once", is_flag=True, help="Collect retained status and one metrics interval, print the state and exit, with status 3 if an alert is firing.")
 @click.option("--interval", type=float, default=None, help=f"Seconds --once waits for metrics [default: the largest interval the agents announce, else {DEFAULT_INTERVAL_S:g}].")
 @click.option("--max-p99-ms", type=float, help="Alert when a model's p99 latency exceeds this many milliseconds.")
 @click.option("--max-power-w", type=float, help="Alert when a device's power exceeds this many watts.")
@@ -152,7 +100,15 @@ def fleet() -> None:
 @click.option("--client-id", help="MQTT client id [default: random]. Give a fixed id with --session-expiry to resume a session.")
 @click.option("--session-expiry", type=int, default=0, show_default=True, help="Seconds the broker keeps this monitor's session and queues its messages while it is disconnected.")
 def watch(broker, fleet_name, ca, cert, key, as_json, once, interval, max_p99_ms, max_power_w, missed_intervals, shared_group, history_path, no_history, retention, client_id, session_expiry) -> None:
-    """Show the fleet live: status, model, runtime, rps, latency, power, energy and temperature per device."""
+    """Show the fleet live: status, model, runtime, rps, latency, power, energy and temperature per device.
+
+    \b
+    Exit status:
+      0  stopped, or --once found no alert firing
+      1  no connection to the broker within 15 s (--once)
+      2  invalid input
+      3  --once found an alert firing
+    """
     if missed_intervals < 1:
         raise InputError(f"invalid --missed-intervals {missed_intervals}: use 1 or more")
     for name, value in (("--max-p99-ms", max_p99_ms), ("--max-power-w", max_power_w), ("--interval", interval)):
@@ -206,7 +162,8 @@ def _run_once(monitor: FleetMonitor, interval: float | None, as_json: bool, writ
     else:
         from rich.console import Console
 
-        Console().print(render_table(devices, monitor.alerts.active))
+        console = Console()
+        console.print(render_table(devices, monitor.alerts.active, width=console.width))
     return EXIT_ALERTS if monitor.alerts.active else 0
 
 
@@ -225,7 +182,7 @@ def _run_live(monitor: FleetMonitor, as_json: bool) -> None:
         with Live(console=console, refresh_per_second=2, screen=False) as live:
             while not stop.wait(0.5):
                 rows = max(5, console.size.height - 8)
-                live.update(render_table(monitor.snapshot(), monitor.alerts.active, max_rows=rows))
+                live.update(render_table(monitor.snapshot(), monitor.alerts.active, width=console.width, max_rows=rows))
     except KeyboardInterrupt:
         pass
 

@@ -375,7 +375,8 @@ class FleetMonitor:
 
     def _emit(self, device: DeviceState, alerts: list[Alert], received: float) -> None:
         for alert in alerts:
-            level = logging.WARNING if alert.state == "firing" else logging.INFO
+            # An on_alert callback shows alerts itself, so a WARNING here would print them twice.
+            level = logging.WARNING if alert.state == "firing" and self.on_alert is None else logging.INFO
             log.log(level, "alert %s: %s", alert.state, alert.message)
             if self.history is not None:
                 self.history.add_alert(alert.device_id, received, alert.kind, alert.state, alert.message)

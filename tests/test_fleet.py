@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -292,6 +293,45 @@ def test_watch_once_json_and_exit_status(mqtt_broker, tmp_path):
     assert "online profile rpi4" in printed.output
     assert "classifier: 10 req" in printed.output
     assert "p99 latency" in printed.output
+
+
+def test_watch_once_table_prints_alert_once(mqtt_broker, tmp_path):
+    stats = ServerStats()
+    reporter = make_reporter(mqtt_broker.port, "table", "raspberrypi-3f9a12c4", stats, interval_s=0.5)
+    reporter.start()
+    try:
+        assert reporter.mqtt.connected.wait(10)
+        for _ in range(10):
+            stats.record("classifier", "1", 120.0, ok=True)
+        command = [
+            sys.executable, "-m", "edgeopt", "fleet", "watch", "--broker", f"mqtt://127.0.0.1:{mqtt_broker.port}",
+            "--fleet", "table", "--once", "--max-p99-ms", "50", "--history", str(tmp_path / "history.sqlite"),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+    finally:
+        reporter.stop()
+
+    assert result.returncode == 3, result.stdout + result.stderr
+    alert_lines = [line for line in result.stderr.splitlines() if "p99 latency" in line]
+    assert len(alert_lines) == 1, result.stderr
+    assert alert_lines[0].startswith("ALERT firing: raspberrypi-3f9a12c4 classifier: p99 latency")
+    assert "edgeopt fleet: 1 device, 1 alert firing" in result.stdout
+    assert max(len(line.rstrip()) for line in result.stdout.splitlines()) <= 80
+    assert "…" not in result.stdout
+    assert "~ estimated:" in result.stdout
+
+    stored = History(tmp_path / "history.sqlite")
+    alerts = [row for row in stored.query("raspberrypi-3f9a12c4", limit=100) if row.kind == "alert"]
+    stored.close()
+    assert [row.payload["state"] for row in alerts] == ["firing"]
+
+
+def test_watch_help_documents_exit_status():
+    result = CliRunner().invoke(cli, ["fleet", "watch", "--help"])
+
+    assert result.exit_code == 0
+    assert "Exit status:" in result.output
+    assert "3  --once found an alert firing" in result.output
 
 
 def test_history_unknown_device(tmp_path):
