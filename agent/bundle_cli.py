@@ -20,6 +20,17 @@ def _human_size(size: int) -> str:
     return f"{size} B"
 
 
+def _summarize(value, limit: int = 160) -> str:
+    """Render a recipe entry on one line: scalars as they are, lists as a count, long text cut."""
+    if isinstance(value, dict):
+        text = ", ".join(f"{k}={_summarize(v, 40)}" for k, v in value.items() if v is not None)
+    elif isinstance(value, list):
+        text = f"[{len(value)} entries]" if len(value) > 4 or any(isinstance(v, (dict, list)) for v in value) else ", ".join(map(str, value))
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def format_manifest(manifest: Manifest) -> str:
     raw = manifest.raw
     lines = [
@@ -42,7 +53,8 @@ def format_manifest(manifest: Manifest) -> str:
         )
     recipe = raw.get("recipe", {})
     if recipe:
-        lines.append("recipe     " + json.dumps(recipe, sort_keys=True))
+        lines.append("recipe:")
+        lines.extend(f"  {key:<18} {_summarize(value)}" for key, value in recipe.items() if value is not None)
     metrics = raw.get("metrics", {})
     for candidate_id, entry in metrics.get("candidates", {}).items():
         fidelity = entry.get("fidelity", {})
