@@ -155,6 +155,7 @@ class MqttSession:
         on_disconnect: Callable[[str], None] | None = None,
         on_message: Callable[[paho.MQTTMessage], None] | None = None,
         on_publish: Callable[[int], None] | None = None,
+        on_subscribe: Callable[[int], None] | None = None,
     ):
         self.client_id = client_id
         self.broker = broker
@@ -171,6 +172,7 @@ class MqttSession:
         self.on_disconnect = on_disconnect
         self.on_message = on_message
         self.on_publish = on_publish
+        self.on_subscribe = on_subscribe
 
         self.protocol = paho.MQTTv5
         self.connected = threading.Event()
@@ -214,12 +216,14 @@ class MqttSession:
             raise RuntimeError("the MQTT session is not started")
         return client.publish(topic, payload, qos=qos, retain=retain)
 
-    def subscribe(self, topics: list[str], qos: int = 1) -> None:
+    def subscribe(self, topics: list[str], qos: int = 1) -> int:
+        """Send one SUBSCRIBE for ``topics`` and return its message id; ``on_subscribe`` gets it on SUBACK."""
         with self._lock:
             client = self._client
         if client is None:
             raise RuntimeError("the MQTT session is not started")
-        client.subscribe([(topic, qos) for topic in topics])
+        _, mid = client.subscribe([(topic, qos) for topic in topics])
+        return mid
 
     def _connect_options(self) -> dict[str, Any]:
         if self.protocol != paho.MQTTv5:
@@ -255,6 +259,7 @@ class MqttSession:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
         client.on_connect_fail = self._handle_connect_fail
         return client
 
@@ -326,6 +331,14 @@ class MqttSession:
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if self.on_publish:
             self.on_publish(mid)
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [str(code) for code in reason_codes if code.is_failure]
+        if failed:
+            log.error("broker %s rejected subscription %d: %s", self.broker, mid, ", ".join(failed))
+            return
+        if self.on_subscribe:
+            self.on_subscribe(mid)
 
     def _downgrade(self, old_client: paho.Client) -> None:
         old_client.disconnect()

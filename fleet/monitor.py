@@ -195,6 +195,7 @@ class FleetMonitor:
             session_expiry_s=config.session_expiry_s,
             on_connect=self._on_connect,
             on_message=self._on_message,
+            on_subscribe=self._on_subscribe,
         )
 
     # Lifecycle ---------------------------------------------------------------------------------------
@@ -232,6 +233,9 @@ class FleetMonitor:
 
     def _on_connect(self, session: MqttSession) -> None:
         session.subscribe(self.config.topics(), qos=1)
+
+    def _on_subscribe(self, mid: int) -> None:
+        # Set only on the broker's SUBACK: a message published after this point reaches the monitor.
         self.subscribed.set()
 
     def _on_message(self, message) -> None:
