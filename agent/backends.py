@@ -28,7 +28,7 @@ class BackendError(RuntimeError):
 
 
 class Backend(Protocol):
-    """What the data plane needs from a loaded model."""
+    """Interface of a loaded model, as the data plane uses it."""
 
     runtime: str
     inputs: list[TensorSpec]

@@ -2,7 +2,7 @@
 
 A bundle is a directory with ``manifest.json`` at its root, shipped as a ``.tar`` of that
 directory. The manifest lists every other file with its sha256; verification rejects a
-bundle with a missing, changed or unlisted file. ``manifest.sha256`` beside it holds the
+bundle with a missing, changed or unlisted file. ``manifest.sha256`` beside it contains the
 sha256 of the manifest's bytes, so a changed byte in the manifest itself is caught too.
 
 NOTE: the digests detect corruption and accidental edits, not a deliberate forgery: whoever

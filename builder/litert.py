@@ -91,7 +91,7 @@ def float_recipe() -> dict[str, Any]:
 
 
 def _quiet_converter_logs() -> None:
-    """Silence start-up chatter of the conversion stack that says nothing about the model.
+    """Silence start-up chatter of the conversion stack that is unrelated to the model.
 
     TensorFlow's C++ logging (oneDNN notice, op counts) reads TF_CPP_MIN_LOG_LEVEL when it is
     first loaded, so this must run before litert-torch or ai-edge-litert is imported. torchao warns about CUDA

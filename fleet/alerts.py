@@ -72,7 +72,7 @@ class AlertTracker:
         if self.rules.max_p99_ms is not None:
             limit = self.rules.max_p99_ms
             for name, model in models.items():
-                # An interval without requests says nothing about latency, so it changes no state.
+                # An interval without requests carries no latency, so it changes no state.
                 if not model.get("requests"):
                     continue
                 p99 = float(model.get("latency_ms", {}).get("p99", 0.0))

@@ -84,7 +84,7 @@ class Delivery:
 
 @dataclass
 class DeviceState:
-    """What the monitor knows about one device."""
+    """State the monitor keeps for one device."""
 
     device_id: str
     fleet: str
