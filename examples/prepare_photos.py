@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-# skimage.data functions that return real RGB photographs.
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+# skimage.data functions that return real RGB photographs of everyday scenes. Microscopy and
+# astronomy images (immunohistochemistry, retina, hubble_deep_field) are left out: ImageNet
+# classifiers give them near-tied scores, so top-1 agreement on them measures ties, not fidelity.
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 MEAN, STD, SIZE = 127.0, 128.0, 224
 
 
@@ -71,10 +73,10 @@ def center_input(image: np.ndarray) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/data"))
-    parser.add_argument("--crops", type=int, default=24, help="random crops per calibration photo")
-    # 60 crops of each of the 4 evaluation photos make 240 samples, so one changed top-1
+    parser.add_argument("--crops", type=int, default=40, help="random crops per calibration photo")
+    # 80 crops of each of the 3 evaluation photos make 240 samples, so one changed top-1
     # answer is a drop of 0.0042 and a 0.01 gate tolerates two.
-    parser.add_argument("--eval-crops", type=int, default=60, help="random crops per evaluation photo")
+    parser.add_argument("--eval-crops", type=int, default=80, help="random crops per evaluation photo")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
