@@ -7,6 +7,9 @@ so a bundle is ready in milliseconds and needs no download.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +243,27 @@ def make_slow_bundle(root: Path, name: str = "slow") -> Path:
         "selftest": {"inputs": "selftest/inputs.npz", "expected": "selftest/expected.npz", "atol": 1e-4, "rtol": 1e-4},
     }
     return _finish(bundle_dir, manifest, tar=False)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_agent(*args: str, cache: Path, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str, str]:
+    """Start ``edgeopt agent run`` on a free loopback port.
+
+    Return the process, its address and its stdout up to the "listening on" line.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "edgeopt", "-v", "agent", "run", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache), *args]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "listening on" in line:
+            return process, f"127.0.0.1:{port}", "".join(lines)
+    process.kill()
+    raise AssertionError(f"agent did not start: {''.join(lines)}{process.stderr.read()}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -17,30 +16,12 @@ import pytest
 import tritonclient.grpc as triton
 from click.testing import CliRunner
 
-from agent_fixtures import classifier_reference, free_port, make_adder_bundle, make_classifier_bundle, make_slow_bundle, other_device, slow_reference
+from agent_fixtures import classifier_reference, free_port, make_adder_bundle, make_classifier_bundle, make_slow_bundle, other_device, slow_reference, start_agent
 from edgeopt.agent.dataplane import DataPlane, DataPlaneConfig
 from edgeopt.agent.server import AgentServer, ListenError, ServerConfig, parse_listen
 from edgeopt.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _start_agent(*args: str, cache: Path) -> tuple[subprocess.Popen, str, str]:
-    """Start ``edgeopt agent run``; return the process, its address and its "listening on" line."""
-    port = free_port()
-    command = [sys.executable, "-m", "edgeopt", "-v", "agent", "run", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache), *args]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "listening on" in line:
-            return process, f"127.0.0.1:{port}", line
-    process.kill()
-    raise AssertionError(f"agent did not start: {''.join(lines)}{process.stderr.read()}")
 
 
 def test_probe_lists_runtimes():
@@ -152,7 +133,7 @@ def test_run_help_explains_message_limit():
 def test_agent_subprocess_serves_tritonclient(tmp_path):
     bundles = [make_classifier_bundle(tmp_path, tar=True), make_adder_bundle(tmp_path), make_classifier_bundle(tmp_path, name="forced", device=other_device())]
     args = [arg for b in bundles for arg in ("--bundle", str(b))]
-    process, address, listening = _start_agent(*args, "--force", cache=tmp_path / "cache")
+    process, address, listening = start_agent(*args, "--force", cache=tmp_path / "cache")
     assert f"listening on {address} (max message 64 MiB, ready in" in listening
     try:
         with triton.InferenceServerClient(address) as client:
@@ -171,7 +152,7 @@ def test_agent_subprocess_serves_tritonclient(tmp_path):
 
 def test_sigterm_finishes_in_flight_request(tmp_path):
     bundle = make_slow_bundle(tmp_path)
-    process, address, _ = _start_agent("--bundle", str(bundle), "--grace", "20", cache=tmp_path / "cache")
+    process, address, _ = start_agent("--bundle", str(bundle), "--grace", "20", cache=tmp_path / "cache")
     x = np.random.default_rng(1).normal(size=(8192, 256)).astype(np.float32)
     results = {}
 

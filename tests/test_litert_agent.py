@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,32 +20,11 @@ pytest.importorskip("ai_edge_litert", reason="the litert extra is not installed"
 
 import tritonclient.grpc as triton  # noqa: E402
 
-from agent_fixtures import free_port  # noqa: E402
+from agent_fixtures import start_agent  # noqa: E402
 from edgeopt.builder.pipeline import BuildOptions, build  # noqa: E402
 from test_litert import efficientnet_lite0, photo_data, torch_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _start_agent(bundle: Path, cache: Path) -> tuple[subprocess.Popen, str, str]:
-    """Start ``edgeopt agent run`` and return the process, its address and its stdout so far."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "edgeopt", "-v", "agent", "run",
-        "--bundle", str(bundle), "--force", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache),
-    ]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "listening on" in line:
-            return process, f"127.0.0.1:{port}", "".join(lines)
-    process.kill()
-    raise AssertionError(f"agent did not start: {''.join(lines)}{process.stderr.read()}")
 
 
 @pytest.mark.slow
@@ -86,7 +62,7 @@ def test_rpi5_litert_bundle_served(tmp_path):
     photos = np.concatenate([data["chelsea"], data["eval"][::3]])
     expected_top1 = torch_logits(efficientnet_lite0(), photos).argmax(axis=1)
 
-    process, address, stdout = _start_agent(result.bundle_path, tmp_path / "cache")
+    process, address, stdout = start_agent("--bundle", str(result.bundle_path), "--force", cache=tmp_path / "cache", timeout_s=120)
     try:
         assert "on LiteRT (ai-edge-litert" in stdout
         assert f"({manifest['artifacts'][0]['path']}, {winner.precision})" in stdout
