@@ -186,9 +186,11 @@ def _load_data(context: BuildContext) -> None:
     context.preprocess = preprocess
 
     source_onnx = context.workdir / "source.onnx"
+    signature = None
     if source.is_onnx:
         exporting.copy_onnx(source.onnx_path, source_onnx)
-        input_names = [name for name, _, _ in exporting.input_signature(source_onnx)[0]]
+        signature = exporting.input_signature(source_onnx)
+        input_names = [name for name, _, _ in signature[0]]
         calibration = load_dataset(options.calib, input_names, preprocess)
     else:
         input_names = list(source.attributes.get("input_names", ["input"]))
@@ -198,12 +200,14 @@ def _load_data(context: BuildContext) -> None:
             shape = (1, *calibration.inputs[input_names[0]].shape[1:])
         if len(input_names) != 1 and options.input_shape is not None:
             raise BuildInputError("--input-shape sets one input's shape; this model has several inputs, so give the data as .npz")
-        example = {input_names[0]: np.zeros((1, *tuple(shape)[1:]), np.float32)} if len(input_names) == 1 else {
-            name: calibration.inputs[name][:1] for name in input_names
-        }
+        if len(input_names) == 1:
+            example = {input_names[0]: np.zeros((1, *tuple(shape)[1:]), np.float32)}
+        else:
+            example = {name: calibration.inputs[name][:1] for name in input_names}
         exporting.export_torch(source.module, example, source.attributes.get("output_names"), source_onnx)
+        signature = exporting.input_signature(source_onnx)
 
-    inputs, outputs = exporting.input_signature(source_onnx)
+    inputs, outputs = signature
     context.input_specs = [TensorSpec(n, ONNX_TYPE_TO_KSERVE.get(t, t), (-1, *s[1:])) for n, s, t in inputs]
     context.output_specs = [TensorSpec(n, ONNX_TYPE_TO_KSERVE.get(t, t), (-1, *s[1:])) for n, s, t in outputs]
     expected = {spec.name: spec.shape for spec in context.input_specs}
@@ -217,13 +221,13 @@ def _load_data(context: BuildContext) -> None:
 
 
 def _check_gate_resolution(context: BuildContext, progress: Progress) -> None:
-    """Warn when one changed answer on the evaluation set already exceeds the gate."""
+    """Warn when one changed top-1 class on the evaluation set already exceeds the gate."""
     samples = len(context.evaluation)
     step = 1.0 / samples
     if step > context.gate.max_drop:
         needed = int(1.0 / context.gate.max_drop) + 1 if context.gate.max_drop > 0 else samples
         message = (
-            f"the evaluation set has {samples} samples, so one changed top-1 answer is a drop of {step:.4f}, above the gate "
+            f"the evaluation set has {samples} samples, so one changed top-1 class is a drop of {step:.4f}, above the gate "
             f"of {context.gate.max_drop:.4f}: candidates pass only with zero changes. Use at least {needed} evaluation samples."
         )
         log.warning(message)
@@ -442,8 +446,8 @@ def _choose_winner(context: BuildContext) -> None:
     else:
         # Within a precision, the profile's format order (e.g. tflite before onnx) decides.
         formats = {artifact_format: index for index, artifact_format in enumerate(context.profile.formats)}
-        # MACs counted on the graph rank pruned students ahead of their source on any board, while
-        # host latency would not transfer; a candidate without a count ranks after counted ones.
+        # MACs counted on the graph rank pruned students ahead of their source on any board, but
+        # host latency would not transfer to the board. A candidate without a count ranks last.
         winner = min(
             passing,
             key=lambda c: (
