@@ -201,7 +201,7 @@ def _training_line(run: dict, subject: str) -> str:
 def pareto_plot_path(out: Path, report_path: Path) -> Path:
     """Return where the Pareto plot goes: ``<report stem>.pareto.png`` beside the report, outside the bundle.
 
-    A directory bundle holds its report, so its plot goes beside the directory as ``<out>.pareto.png``.
+    A directory bundle contains its report, so its plot goes beside the directory as ``<out>.pareto.png``.
     """
     if report_path.parent == out:
         return out.with_name(f"{out.name}.pareto.png")

@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/data"))
     parser.add_argument("--crops", type=int, default=40, help="random crops per calibration photo")
     # 80 crops of each of the 3 evaluation photos make 240 samples, so one changed top-1
-    # answer is a drop of 0.0042 and a 0.01 gate tolerates two.
+    # class is a drop of 0.0042 and a 0.01 gate tolerates two.
     parser.add_argument("--eval-crops", type=int, default=80, help="random crops per evaluation photo")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -65,7 +65,8 @@ def test_image_folder_by_class(tmp_path):
     assert data.class_names == ("digit_0", "digit_1", "digit_2")
     assert data.x.shape == (9, 1, 8, 8)
     assert data.y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert 0.0 <= data.x.min() and data.x.max() <= 1.0
+    assert data.x.min() >= 0.0
+    assert data.x.max() <= 1.0
 
 
 def test_flat_folder_is_unlabeled(tmp_path):
@@ -116,7 +117,8 @@ def test_random_crops_shape_and_seed():
 
     assert crops.shape == (6, 3, 224, 224)
     assert crops.dtype == np.float32
-    assert -1.0 <= crops.min() and crops.max() <= 1.0
+    assert crops.min() >= -1.0
+    assert crops.max() <= 1.0
     np.testing.assert_array_equal(crops, random_resized_crops(images, 6, preprocess, seed=4))
     assert not np.array_equal(crops, random_resized_crops(images, 6, preprocess, seed=5))
 
